@@ -1,0 +1,77 @@
+r"""Paper 000 (Saednia et al.), model without attention: modified MobileNet v1 classifier.
+
+Section II-B-1 of the paper: MobileNet v1 (depthwise separable convolutions, BatchNorm + ReLU
+after every layer), global average pooling before the dense layer and a sigmoid instead of the
+softmax; 13 NIH classes (Hernia and 'No Finding' images removed), patient-level 80/20 split with
+25% of train held out for validation; Adam, multi-label binary cross entropy ("categorical cross
+entropy" in the paper, on 13 sigmoid outputs), batch 1024, best model by validation F1.
+
+Run (full, needs NIH ChestX-ray14 prepared as described in WORKSPACE.md, and an accelerator):
+  python -m cxr_jax.main --config=configs/mobilenet_baseline.py --workdir=workdir/mnb
+Demo (synthetic `cxr_phantom`, 64 px, 2 CPU cores, a few minutes):
+  python -m cxr_jax.main --config=configs/mobilenet_baseline.py:demo
+
+Readings and deviations (the paper is silent on these):
+- Input size 224 (MobileNet's), grey image repeated to 3 channels and scaled to [-1, 1] as Keras
+  `mobilenet.preprocess_input` does (the paper used Keras); trained from scratch.
+- "10000 epochs" is what the paper states; it is kept as the full config's value, and the best
+  checkpoint by validation F1 is what gets evaluated, as in the paper. Expect to override it.
+- ReLU (the text) rather than Keras's ReLU6; `--config.model.activation=relu6` switches.
+- F1 is the micro-averaged F1 over all (image, class) decisions at threshold 0.5 (see
+  cxr_jax/metrics.py for why); per-class thresholds are available through the evaluator.
+"""
+
+import ml_collections
+
+from cxr_jax import config_lib
+from cxr_jax.data.labels import NIH13_CLASSES
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = config_lib.base_config()
+  config.name = 'mobilenet_baseline'
+  config.report_label = 'Without Attention'
+
+  config.data.name = 'nih_chest_xray14/patient13-224'
+  config.data.classes = NIH13_CLASSES
+  config.data.drop_no_finding = True
+  config.data.pp_train = 'decode|grayscale_to_rgb|resize(224)|normalize("minus_one_one")'
+  config.data.pp_eval = config.data.pp_train
+
+  config.model = ml_collections.ConfigDict({
+      'name': 'mobilenet_v1', 'width_multiplier': 1.0, 'activation': 'relu',
+      'dropout_rate': 0.0})
+  config.loss = 'sigmoid_bce'
+  config.optimizer.name = 'adam'
+  config.optimizer.learning_rate = 1e-3
+
+  config.batch_size = 1024
+  config.eval_batch_size = 1024
+  config.num_epochs = 10_000
+  config.log_every_steps = 50
+  config.eval_every_steps = 50  # about one epoch of the 13-class train set at batch 1024
+  config.checkpoint_every_steps = 50
+  config.best_metric = 'f1'
+  config.threshold = 0.5
+
+  if arg == 'demo':
+    apply_demo(config)
+  elif arg:
+    raise ValueError(f"Unknown config argument {arg!r}; valid: 'demo'.")
+  return config
+
+
+def apply_demo(config: ml_collections.ConfigDict) -> None:
+  """Shrinks image size, width, data and steps to run on 2 CPU cores in minutes."""
+  config.data.name = 'cxr_phantom/64'
+  config.data.pp_train = 'decode|grayscale_to_rgb|random_translate(3)|normalize("minus_one_one")'
+  config.data.pp_eval = 'decode|grayscale_to_rgb|normalize("minus_one_one")'
+  config.data.cache = True
+  config.model.width_multiplier = 0.5
+  config.batch_size = 64
+  config.eval_batch_size = 256
+  config.num_epochs = -1
+  config.num_train_steps = 600
+  config.log_every_steps = 50
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200

@@ -1,0 +1,107 @@
+"""The base config every method config starts from, and the checks run before a job starts.
+
+Method configs (`configs/*.py`) call `base_config()` and override; `validate` turns a bad
+name or value into one clear error naming the `config.` key before any work is done.
+"""
+
+import ml_collections
+
+from cxr_jax.data.labels import NIH_CLASSES
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every method; each field is documented where it is used."""
+  c = ml_collections.ConfigDict()
+  c.name = ''
+  c.seed = 0
+  c.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators, parameters stay float32
+  c.stages = ('train', 'evaluate', 'report')
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cxr_phantom/64'
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.train_split = 'train'
+  c.data.eval_splits = ml_collections.ConfigDict({'validation': 'validation', 'test': 'test'})
+  c.data.classes = NIH_CLASSES
+  c.data.drop_no_finding = False
+  c.data.pp_train = 'decode|normalize("minus_one_one")'
+  c.data.pp_eval = 'decode|normalize("minus_one_one")'
+  c.data.shuffle_buffer = 10_000
+  c.data.cache = False
+  c.data.prefetch = 2
+
+  c.model = ml_collections.ConfigDict({'name': 'mobilenet_v1'})
+  c.loss = 'sigmoid_bce'
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adam'
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = ml_collections.ConfigDict({'name': 'constant'})
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.decoupled = False
+  c.optimizer.decay_mask = 'all'
+  c.optimizer.grad_clip_norm = 0.0
+  c.optimizer.kwargs = ml_collections.ConfigDict()
+  c.optimizer.plateau = ml_collections.ConfigDict({
+      'enabled': False, 'metric': 'loss', 'patience': 5, 'factor': 0.1, 'cooldown': 0,
+      'max_reductions': 3})
+
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.num_epochs = 1.0
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+
+  c.evaluator = 'multilabel_classification'
+  c.best_metric = 'mean_auroc'
+  c.threshold = 0.5
+  return c
+
+
+def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
+  for key in keys:
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if not value > 0:
+      raise ValueError(f'config.{key}={value!r}: expected a positive number.')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad `config.` key (registries list valid names)."""
+  from cxr_jax import evaluate, losses, optim, stages
+  from cxr_jax.data import ops
+  from cxr_jax.data.labels import class_indices
+  from cxr_jax.evaluators import EVALUATORS
+  from cxr_jax.models import MODELS, parse_dtype
+
+  def check(key, fn, *args):
+    try:
+      fn(*args)
+    except ValueError as e:
+      raise ValueError(f'config.{key}: {e}') from None
+
+  for stage in config.stages:
+    check('stages', stages.STAGES.get, stage)
+  check('model.name', MODELS.get, config.model.name)
+  check('dtype', parse_dtype, config.dtype)
+  check('loss', losses.get_loss, config.loss)
+  check('optimizer.name', optim.OPTIMIZERS.get, config.optimizer.name)
+  check('optimizer.schedule.name', optim.SCHEDULES.get, config.optimizer.schedule.name)
+  check('evaluator', EVALUATORS.get, config.evaluator)
+  check('best_metric', evaluate.select_metric, {}, config.best_metric, True)
+  if config.optimizer.plateau.enabled:
+    check('optimizer.plateau.metric', evaluate.select_metric, {}, config.optimizer.plateau.metric,
+          True)
+  check('data.classes', class_indices, tuple(config.data.classes))
+  check('data.pp_train', ops.get_preprocess_fn, config.data.pp_train)
+  check('data.pp_eval', ops.get_preprocess_fn, config.data.pp_eval)
+  _positive(config, 'batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
+            'checkpoint_every_steps', 'keep_checkpoints', 'optimizer.learning_rate')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError('config.num_train_steps or config.num_epochs must be positive.')
+  if not 0.0 < config.threshold < 1.0:
+    raise ValueError(f'config.threshold={config.threshold!r}: expected a probability in (0, 1).')

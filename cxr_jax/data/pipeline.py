@@ -1,0 +1,324 @@
+"""Input pipeline: TFDS data set -> tf.data -> this host's numpy batches.
+
+Why tf.data (and not grain / `tfds.data_source`): TensorFlow is already a dependency because
+TFDS encodes images with it; our builders are tested with `DatasetBuilderTestCase`, which only
+passes with the tfrecord file format, and tfrecord can only be read sequentially through
+tf.data; and tf.data returns sequence features (the NIH boxes under 'objects') as tensors,
+while the array_record/grain route hands them back as Python lists. TensorFlow here only runs
+on the CPU: the first pipeline built hides the GPUs from it so it never grabs accelerator
+memory that JAX needs.
+
+Order and determinism (training):
+  * Each host reads `tfds.even_splits(split, n=process_count)[process_index]`.
+  * Images stay encoded (TFDS `SkipDecoding`) through filtering, shuffling and skipping; they are
+    decoded in the map after them, so resuming at a late step costs reading, not decoding.
+  * Epoch e of the stream is the filtered host split shuffled with a seed derived from
+    (seed, process_index, e); epochs are concatenated and batches run across epoch boundaries
+    (no example is dropped at the end of an epoch). Every element gets a global index in that
+    repeated stream, and its augmentation seed '_seed' is derived from (seed, process_index,
+    index). Resuming at step s starts at epoch (s * b) // n and skips the rest inside it, so the
+    batch at step s is identical to an uninterrupted iterator's.
+
+Evaluation pads the last batch (mask 0) and appends all-padding batches until every host yields
+the same number of batches, so no example is dropped or counted twice.
+
+Config fields read from `config.data` (ConfigDict or dict), with defaults:
+  name (required, e.g. 'cxr_phantom/64'), data_dir=None (TFDS default), train_split='train',
+  classes=NIH_CLASSES, drop_no_finding=False, pp_train='', pp_eval='', shuffle_buffer=10_000,
+  cache=False, prefetch=2. (eval_splits is read by the caller, which passes one split here.)
+"""
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from cxr_jax.data import builder_names, ops
+from cxr_jax.data.labels import NIH_CLASSES, class_indices
+
+Batch = dict[str, np.ndarray]
+
+# Data sets that need no download: built on first use instead of failing.
+AUTO_PREPARE_PREFIXES: tuple[str, ...] = ('cxr_phantom',)
+# Features read undecoded and decoded only after filter/shuffle/skip.
+ENCODED_KEYS = ('image', 'masks')
+
+_gpus_hidden = False
+
+
+def _hide_gpus_from_tf() -> None:
+  """Keeps TensorFlow (used only for input) off the accelerators JAX owns."""
+  global _gpus_hidden
+  if _gpus_hidden:
+    return
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError as e:  # TF already initialised its devices; nothing more we can do.
+    logging.warning('Could not hide GPUs from TensorFlow: %s', e)
+  _gpus_hidden = True
+
+
+def _get(data_cfg: Any, key: str, default: Any) -> Any:
+  """config.data field `key` (ConfigDict or dict); missing or None gives `default`."""
+  value = data_cfg.get(key, default)
+  return default if value is None else value
+
+
+def _name(data_cfg: Any) -> str:
+  name = _get(data_cfg, 'name', None)
+  if not name:
+    raise ValueError('config.data.name (the TFDS data set name) is required.')
+  return name
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """global_batch_size // process_count; raises ValueError unless it divides evenly."""
+  n = jax.process_count()
+  if global_batch_size <= 0 or global_batch_size % n:
+    raise ValueError(
+      f'Global batch size {global_batch_size} must be a positive multiple of the number of '
+      f'processes ({n}).'
+    )
+  return global_batch_size // n
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Returns a prepared TFDS builder; builds phantom data sets, else FileNotFoundError."""
+  where = data_dir or tfds.core.constants.DATA_DIR
+  how = (
+    f'Prepare it first, e.g. `tfds build {name.split("/")[0]} --data_dir={where}` after putting '
+    'the manual download files where its MANUAL_DOWNLOAD_INSTRUCTIONS say (see WORKSPACE.md), '
+    'or set config.data.data_dir to where it is prepared.'
+  )
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise FileNotFoundError(
+      f'Data set {name!r} is neither a registered TFDS builder nor prepared in data_dir '
+      f'{where!r}; cxr_jax builders: {", ".join(builder_names())}. {how}'
+    ) from e
+  if not builder.is_prepared():
+    if name.split('/')[0].startswith(AUTO_PREPARE_PREFIXES):
+      logging.info('Building %s in %s (synthetic, no download).', name, builder.data_dir)
+      builder.download_and_prepare()
+    else:
+      raise FileNotFoundError(
+        f'Data set {name!r} is not prepared in data_dir {where!r} (looked for '
+        f'{builder.data_dir}). {how}'
+      )
+  return builder
+
+
+def _host_split(split: str) -> Any:
+  if jax.process_count() == 1:
+    return split
+  return tfds.even_splits(split, n=jax.process_count())[jax.process_index()]
+
+
+def _read(
+  builder: tfds.core.DatasetBuilder, split: str, data_cfg: Any, keys: tuple[str, ...]
+) -> tuple[tf.data.Dataset, int]:
+  """This host's filtered examples (images still encoded) and how many there are.
+
+  Returns elements {key: tensor for key in keys} with 'labels' float32 [K] gathered to
+  config.data.classes, and the element count from a pass that decodes no image.
+  """
+  host_split = _host_split(split)
+  features = builder.info.features
+  decoders = {k: tfds.decode.SkipDecoding() for k in ENCODED_KEYS if k in features}
+  ds = builder.as_dataset(split=host_split, decoders=decoders, shuffle_files=False)
+  idx = tf.constant(class_indices(tuple(_get(data_cfg, 'classes', NIH_CLASSES))), tf.int32)
+  # Select early so unused features (masks, boxes) are not carried through the pipeline.
+  ds = ds.map(
+    lambda f: {k: tf.gather(f[k], idx) if k == 'labels' else f[k] for k in keys},
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  drop = bool(_get(data_cfg, 'drop_no_finding', False))
+  if drop:
+    # All selected labels zero: 'No Finding' or only findings outside the selected classes.
+    ds = ds.filter(lambda f: tf.reduce_any(f['labels'] > 0))
+  if _get(data_cfg, 'cache', False):
+    ds = ds.cache()  # Caches encoded bytes, which is what a re-read would cost.
+  if drop:
+    n = int(ds.map(lambda f: f['labels']).reduce(np.int64(0), lambda c, _: c + 1))
+  else:
+    n = builder.info.splits[host_split].num_examples
+  return ds, n
+
+
+def _decode(
+  builder: tfds.core.DatasetBuilder, features: dict[str, tf.Tensor]
+) -> dict[str, tf.Tensor]:
+  """Decodes the still-encoded features with their TFDS decoders (static shapes)."""
+  features = dict(features)
+  for k in ENCODED_KEYS:
+    if k in features:
+      features[k] = builder.info.features[k].decode_example(features[k])
+  return features
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+def _preprocess_map(
+  builder: tfds.core.DatasetBuilder, pp: str, out_keys: tuple[str, ...], root_seed: tf.Tensor
+) -> Callable[[tf.Tensor, dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+  """(global index, features) -> decoded, preprocessed {out_keys} with a float32 image."""
+  preprocess = ops.get_preprocess_fn(pp)
+
+  def fn(index: tf.Tensor, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    features = _decode(builder, features)
+    features[ops.SEED_KEY] = tf.random.experimental.stateless_fold_in(root_seed, index)
+    features = preprocess(features)
+    out = {k: features[k] for k in out_keys}
+    out['image'] = tf.cast(out['image'], tf.float32)
+    out['labels'] = tf.cast(out['labels'], tf.float32)
+    return out
+
+  return fn
+
+
+def make_train_iter(
+  data_cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[Batch]:
+  """Infinite iterator of this host's training batches, starting at step `start_step`.
+
+  Yields {'image': float32 [b, H, W, C], 'labels': float32 [b, K]} with b = global_batch_size //
+  process_count and K = len(config.data.classes). Deterministic in (seed, start_step).
+  """
+  _hide_gpus_from_tf()
+  batch = local_batch_size(global_batch_size)
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}')
+  builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
+  split = _get(data_cfg, 'train_split', 'train')
+  base, n = _read(builder, split, data_cfg, ('image', 'labels'))
+  if n == 0:
+    raise ValueError(
+      f'No training examples in {_name(data_cfg)!r} split {split!r} after filtering.'
+    )
+  buffer = max(1, min(int(_get(data_cfg, 'shuffle_buffer', 10_000)), n))
+
+  root = tf.constant([seed, jax.process_index()], tf.int64)
+  shuffle_root = tf.random.experimental.stateless_fold_in(root, np.int64(0))
+  augment_root = tf.random.experimental.stateless_fold_in(root, np.int64(1))
+
+  def epoch(e: tf.Tensor) -> tf.data.Dataset:
+    epoch_seed = tf.random.stateless_uniform(
+      [],
+      tf.random.experimental.stateless_fold_in(shuffle_root, e),
+      minval=None,
+      maxval=None,
+      dtype=tf.int64,
+    )
+    return base.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+
+  first_epoch, offset = divmod(start_step * batch, n)
+  ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch)
+  ds = ds.enumerate(start=first_epoch * n).skip(offset)  # Skip before decoding: cheap.
+  pp = _get(data_cfg, 'pp_train', '')
+  ds = ds.map(
+    _preprocess_map(builder, pp, ('image', 'labels'), augment_root),
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  ds = ds.batch(batch, drop_remainder=True).prefetch(int(_get(data_cfg, 'prefetch', 2)))
+  return ds.with_options(_options()).as_numpy_iterator()
+
+
+class EvalInput:
+  """One host's evaluation batches; iterate it once per evaluation.
+
+  Attributes:
+    num_examples: real examples on this host (after class filtering).
+    num_batches: batches every host yields (max over hosts), padding included.
+    batch_size: local batch size b.
+  Batches: {'image': float32 [b, H, W, C], 'labels': float32 [b, K], 'mask': float32 [b]
+  (1 real, 0 padding), 'image_id': str array [b] ('' for padding)}.
+  """
+
+  def __init__(
+    self, dataset: tf.data.Dataset, *, num_examples: int, num_batches: int, batch_size: int
+  ):
+    self._dataset = dataset
+    self.num_examples = num_examples
+    self.num_batches = num_batches
+    self.batch_size = batch_size
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def _padding_like(self, template: Batch) -> Batch:
+    b = self.batch_size
+    pad = {k: np.zeros((b, *v.shape[1:]), v.dtype) for k, v in template.items()}
+    pad['image_id'] = np.full([b], '', template['image_id'].dtype)
+    return pad
+
+  def _template(self) -> Batch:
+    """A zero batch from the static element spec, for hosts that have no real example."""
+    spec = self._dataset.element_spec
+    if not all(spec[k].shape[1:].is_fully_defined() for k in ('image', 'labels')):
+      raise ValueError(
+        f'Cannot pad: this host has no eval examples and shapes are not static: {spec}'
+      )
+    return {
+      'image': np.zeros((0, *spec['image'].shape[1:]), np.float32),
+      'labels': np.zeros((0, *spec['labels'].shape[1:]), np.float32),
+      'mask': np.zeros((0,), np.float32),
+      'image_id': np.zeros((0,), '<U1'),
+    }
+
+  def __iter__(self) -> Iterator[Batch]:
+    count = 0
+    template = None
+    for raw in self._dataset.as_numpy_iterator():
+      real = len(raw['labels'])
+      out = {
+        'image': raw['image'],
+        'labels': raw['labels'],
+        'mask': np.ones([real], np.float32),
+        'image_id': np.array([s.decode('utf-8') for s in raw['image_id']]),
+      }
+      if real < self.batch_size:
+        pad = self._padding_like(out)
+        out = {k: np.concatenate([v, pad[k][: self.batch_size - real]]) for k, v in out.items()}
+      template = out
+      count += 1
+      yield out
+    if count < self.num_batches:
+      pad = self._padding_like(template if template is not None else self._template())
+      for _ in range(self.num_batches - count):
+        yield {k: v.copy() for k, v in pad.items()}
+
+
+def _max_over_hosts(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.int64(value))))
+
+
+def make_eval_iter(data_cfg: Any, split: str, *, global_batch_size: int) -> EvalInput:
+  """Evaluation input over `split` for this host: every example once, padded, in file order."""
+  _hide_gpus_from_tf()
+  batch = local_batch_size(global_batch_size)
+  builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
+  ds, n = _read(builder, split, data_cfg, ('image', 'labels', 'image_id'))
+  # Seeds only matter if pp_eval has random ops; fixed ones keep evaluation repeatable.
+  root = tf.constant([0, jax.process_index()], tf.int64)
+  pp = _get(data_cfg, 'pp_eval', '')
+  ds = ds.enumerate().map(
+    _preprocess_map(builder, pp, ('image', 'labels', 'image_id'), root),
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  ds = ds.batch(batch).prefetch(int(_get(data_cfg, 'prefetch', 2))).with_options(_options())
+  num_batches = _max_over_hosts(math.ceil(n / batch))
+  return EvalInput(ds, num_examples=n, num_batches=num_batches, batch_size=batch)

@@ -1,0 +1,117 @@
+"""MobileNet v1 (Howard et al. 2017) as modified by paper 000 (Saednia et al.).
+
+A full 3x3 convolution, then 13 depthwise separable blocks (depthwise 3x3 + pointwise 1x1),
+every convolution followed by BatchNorm and ReLU; global average pooling and one dense layer
+whose logits go through a sigmoid (multi-label) instead of the original softmax.
+
+Intermediate maps are sown into the 'intermediates' collection under stable names
+(`conv_stem`, `block_1` ... `block_13`, `features` = last map before pooling [B, h, w, C],
+`pooled` = [B, C]) for attention branches, CAM and PDA.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cxr_jax.models import MODELS
+from cxr_jax.models.depthwise import DepthwiseConv
+
+# (output channels, stride) of the 13 depthwise separable blocks, Table 1 of Howard et al.
+MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+)
+
+ACTIVATIONS = {'relu': nn.relu, 'relu6': nn.relu6}
+
+
+class ConvBN(nn.Module):
+  """Convolution (optionally depthwise) + BatchNorm + activation."""
+
+  features: int
+  kernel_size: int
+  strides: int = 1
+  depthwise: bool = False
+  depthwise_impl: str = 'shifts'
+  activation: str = 'relu'
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if self.depthwise:
+      x = DepthwiseConv(self.kernel_size, self.strides, impl=self.depthwise_impl,
+                        dtype=self.dtype, name='conv')(x)
+    else:
+      x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
+                  padding='SAME', use_bias=False, dtype=self.dtype, name='conv')(x)
+    x = nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
+        # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32 on small late-layer maps,
+        # enough to make 8-device and 1-device steps differ by 1e-3.
+        use_fast_variance=False, name='bn')(x)
+    return ACTIVATIONS[self.activation](x)
+
+
+@MODELS.register('mobilenet_v1')
+class MobileNetV1(nn.Module):
+  """MobileNet v1 classifier with a GAP + dense (sigmoid) head.
+
+  Attributes:
+    num_classes: outputs of the dense head (13 or 14 for NIH).
+    width_multiplier: alpha of Howard et al.; scales every layer's channels.
+    min_channels: lower bound on any layer's width after the multiplier.
+    activation: 'relu' (paper 000's text) or 'relu6' (Keras/TF-slim weights).
+    dropout_rate: dropout before the dense head (Keras default 1e-3; paper 000 names none).
+    blocks: (channels, stride) per depthwise separable block.
+    depthwise_impl: 'shifts' (sum of shifted slices, much faster on XLA:CPU) or 'xla'
+      (grouped convolution); same parameters, same results.
+    dtype: compute dtype; parameters stay float32.
+    bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
+  """
+
+  num_classes: int
+  width_multiplier: float = 1.0
+  min_channels: int = 8
+  activation: str = 'relu'
+  dropout_rate: float = 0.0
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  blocks: Sequence[tuple[int, int]] = MOBILENET_V1_BLOCKS
+  depthwise_impl: str = 'shifts'
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  def _width(self, channels: int) -> int:
+    return max(self.min_channels, int(channels * self.width_multiplier))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Maps images [B, H, W, C] to logits [B, num_classes] (float32)."""
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'MobileNetV1.activation={self.activation!r}; valid: {list(ACTIVATIONS)}')
+    conv = lambda **kw: ConvBN(
+        depthwise_impl=self.depthwise_impl, activation=self.activation,
+        bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+        bn_axis_name=self.bn_axis_name, dtype=self.dtype, **kw)
+    x = x.astype(self.dtype)
+    x = conv(features=self._width(32), kernel_size=3, strides=2, name='stem')(x, train=train)
+    self.sow('intermediates', 'conv_stem', x)
+    for i, (channels, stride) in enumerate(self.blocks, start=1):
+      x = conv(features=x.shape[-1], kernel_size=3, strides=stride, depthwise=True,
+               name=f'block_{i}_depthwise')(x, train=train)
+      x = conv(features=self._width(channels), kernel_size=1,
+               name=f'block_{i}_pointwise')(x, train=train)
+      self.sow('intermediates', f'block_{i}', x)
+    self.sow('intermediates', 'features', x)
+    x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'pooled', x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # bf16 -> f32 logits

@@ -1,0 +1,148 @@
+"""Optimisers, learning-rate schedules and the plateau controller, built from `config.optimizer`.
+
+The optimiser is an optax chain whose last element scales updates by a `plateau_scale`
+hyper-parameter kept in the optimiser state: the host lowers it after an evaluation that did not
+improve the monitored metric (`ReduceLROnPlateau` semantics, paper 003), so every schedule,
+plateau included, lives in the checkpointed state and survives a restart.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from cxr_jax.registry import Registry
+
+Schedule = Callable[[jax.Array], jax.Array]
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry('optimizer')
+SCHEDULES: Registry[Callable[..., Schedule]] = Registry('schedule')
+
+
+@OPTIMIZERS.register('adam')
+def _adam(learning_rate: Schedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
+          **_) -> optax.GradientTransformation:
+  # eps=1e-7 is Keras's Adam default (paper 000 trained with Keras).
+  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+@OPTIMIZERS.register('sgd')
+def _sgd(learning_rate: Schedule, *, momentum: float = 0.9, nesterov: bool = False,
+         **_) -> optax.GradientTransformation:
+  return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+
+
+@SCHEDULES.register('constant')
+def _constant(base_lr: float, total_steps: int, **_) -> Schedule:
+  del total_steps
+  return optax.constant_schedule(base_lr)
+
+
+@SCHEDULES.register('step')
+def _step(base_lr: float, total_steps: int, *, boundaries: tuple[int, ...] = (),
+          factor: float = 0.1, **_) -> Schedule:
+  """lr * factor**i after the i-th boundary (in steps): paper 001's lr/10 after 20 epochs."""
+  del total_steps
+  return optax.piecewise_constant_schedule(base_lr, {int(b): factor for b in boundaries})
+
+
+@SCHEDULES.register('cosine')
+def _cosine(base_lr: float, total_steps: int, *, warmup_steps: int = 0, **_) -> Schedule:
+  return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps, max(total_steps, 1))
+
+
+def _decay_mask(kind: str) -> Callable[[Any], Any] | None:
+  if kind == 'all':  # torch.optim semantics: every parameter, BN and biases included
+    return None
+  if kind == 'kernels':
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+  raise ValueError(f"config.optimizer.decay_mask={kind!r}; valid: 'all', 'kernels'")
+
+
+def build_optimizer(opt_cfg: ml_collections.ConfigDict,
+                    total_steps: int) -> optax.GradientTransformation:
+  """optax chain: [L2 or decoupled decay] -> optimiser(schedule) -> plateau scale.
+
+  `opt_cfg` fields: name, learning_rate, schedule (name + kwargs), weight_decay, decoupled
+  (AdamW-style decay instead of L2 added to the gradient, which is torch/Keras `weight_decay`),
+  decay_mask, grad_clip_norm, and any optimiser kwargs in `opt_cfg.kwargs`.
+  """
+  sched_cfg = dict(opt_cfg.schedule.to_dict())
+  schedule = SCHEDULES.get(sched_cfg.pop('name'))(opt_cfg.learning_rate, total_steps, **sched_cfg)
+  parts = []
+  if opt_cfg.get('grad_clip_norm'):
+    parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
+  wd = opt_cfg.weight_decay
+  mask = _decay_mask(opt_cfg.decay_mask)
+  if wd and not opt_cfg.decoupled:
+    parts.append(optax.add_decayed_weights(wd, mask))
+  optimizer = OPTIMIZERS.get(opt_cfg.name)(schedule, **opt_cfg.kwargs.to_dict())
+  parts.append(_decoupled(optimizer, wd, mask, schedule) if wd and opt_cfg.decoupled
+               else optimizer)
+  parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
+  return optax.chain(*parts)
+
+
+def _decoupled(inner: optax.GradientTransformation, wd: float, mask: Any,
+               schedule: Schedule) -> optax.GradientTransformation:
+  """inner(g) - lr(t) * wd * params: AdamW's decoupled weight decay around any optimiser."""
+  decay = optax.chain(optax.add_decayed_weights(wd, mask), optax.scale_by_learning_rate(schedule))
+
+  def init(params):
+    return (inner.init(params), decay.init(params))
+
+  def update(updates, state, params=None):
+    inner_state, decay_state = state
+    new_updates, inner_state = inner.update(updates, inner_state, params)
+    zeros = jax.tree.map(jnp.zeros_like, updates)
+    decay_updates, decay_state = decay.update(zeros, decay_state, params)
+    return jax.tree.map(jnp.add, new_updates, decay_updates), (inner_state, decay_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+def plateau_scale(opt_state: Any) -> float:
+  """The current plateau multiplier of the learning rate."""
+  return float(opt_state[-1].hyperparams['step_size'])
+
+
+def set_plateau_scale(opt_state: Any, scale: float) -> Any:
+  last = opt_state[-1]
+  hyper = dict(last.hyperparams, step_size=jnp.asarray(scale, jnp.float32))
+  return (*opt_state[:-1], last._replace(hyperparams=hyper))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlateauState:
+  """Host-side bookkeeping of ReduceLROnPlateau, saved with the checkpoint metadata."""
+
+  best: float | None = None
+  bad_evals: int = 0
+  cooldown: int = 0
+  reductions: int = 0
+
+
+def plateau_update(state: PlateauState, value: float, *, mode: str, patience: int,
+                   factor: float, cooldown: int, max_reductions: int,
+                   min_delta: float = 0.0) -> tuple[PlateauState, float | None]:
+  """One evaluation's worth of ReduceLROnPlateau; returns (state, new factor or None).
+
+  `mode` is 'max' or 'min'; after `patience` evaluations without improving `best` by more
+  than `min_delta`, the learning rate is multiplied by `factor` (at most `max_reductions`
+  times), then `cooldown` evaluations pass before counting again.
+  """
+  better = (state.best is None or
+            (value > state.best + min_delta if mode == 'max' else value < state.best - min_delta))
+  if better:
+    return dataclasses.replace(state, best=value, bad_evals=0,
+                               cooldown=max(state.cooldown - 1, 0)), None
+  if state.cooldown > 0:
+    return dataclasses.replace(state, cooldown=state.cooldown - 1), None
+  bad = state.bad_evals + 1
+  if bad >= patience and state.reductions < max_reductions:
+    return PlateauState(state.best, 0, cooldown, state.reductions + 1), factor
+  return dataclasses.replace(state, bad_evals=bad), None

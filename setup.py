@@ -1,0 +1,45 @@
+"""cxr-jax: JAX/Flax reimplementations of five chest X-ray papers."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    'jax>=0.10.0',  # Python 3.11 resolves to 0.10.x, Python 3.12+ to 0.11+; both are supported.
+    'flax>=0.12.0',
+    'optax>=0.2.5',
+    'orbax-checkpoint>=0.11.0',
+    'tensorflow-datasets>=4.9.9',
+    'tensorflow-cpu>=2.20.0',  # TFDS encodes images with TF; tf.data feeds the hosts.
+    'tensorboard>=2.20.0',  # clu.metric_writers writes TensorBoard events through it.
+    'ml-collections>=1.0.0',
+    'absl-py>=2.1.0',
+    'clu>=0.0.12',
+    'etils[epath]>=1.7.0',
+    'numpy>=1.26',
+    'scipy>=1.12',
+    'scikit-learn>=1.5',
+    'pillow>=10.0',
+    'matplotlib>=3.8',
+    'tqdm>=4.66',
+]
+
+EXTRAS_REQUIRE = {
+    # tfds.testing.DatasetBuilderTestCase needs dill and importlib_resources.
+    'test': ['pytest>=8.0', 'ruff>=0.6', 'dill>=0.3.8', 'importlib_resources>=6.0'],
+    'dicom': ['pydicom>=2.4'],
+}
+
+setup(
+    name='cxr-jax',
+    version='0.1.0',
+    description='Chest X-ray classification, attention and explanation methods in JAX/Flax.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=find_packages(include=['cxr_jax', 'cxr_jax.*']),
+    package_data={'cxr_jax.data': ['*/README.md', '*/CITATIONS.bib', '*/checksums.tsv',
+                                   '*/dummy_data/**/*']},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={'console_scripts': ['cxr-jax=cxr_jax.main:run']},
+)

@@ -1,0 +1,54 @@
+"""Test-wide setup: 8 fake CPU devices, so every multi-device code path runs in CI."""
+
+import os
+
+# Must happen before JAX initialises its backends (i.e. before any test imports jax).
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+
+
+@pytest.fixture
+def shared_data() -> pathlib.Path:
+  """../shared/data (real samples); tests using it skip where it is absent (users' machines)."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f'real sample data not found at {SHARED_DATA} (only on the team machines / CI)')
+  return SHARED_DATA
+
+
+@pytest.fixture(scope='session')
+def phantom_data_dir(tmp_path_factory) -> str:
+  """A TFDS data dir holding `cxr_phantom/tiny` (24/8/8/8 images at 64 px), built once."""
+  import tensorflow_datasets as tfds
+
+  import cxr_jax.data  # noqa: F401  (registers the builder)
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  tfds.builder('cxr_phantom/tiny', data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+def tiny_config(data_dir: str):
+  """The demo config of paper 000's baseline, shrunk to seconds: tiny data, a 2-block model."""
+  import importlib.util
+  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'mobilenet_baseline.py'
+  spec = importlib.util.spec_from_file_location('mobilenet_baseline', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('demo')
+  config.data.name = 'cxr_phantom/tiny'
+  config.data.data_dir = data_dir
+  config.data.drop_no_finding = False
+  config.model.blocks = ((16, 2), (32, 2))
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.num_train_steps = 6
+  config.log_every_steps = 1
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 2
+  return config

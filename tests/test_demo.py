@@ -1,0 +1,43 @@
+"""End to end: the README's demo command (shrunk to the tiny phantom) through every stage."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'cxr_jax.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_demo_command_end_to_end(phantom_data_dir, tmp_path):
+  workdir = tmp_path / 'demo'
+  args = ['--config=configs/mobilenet_baseline.py:demo', f'--workdir={workdir}',
+          '--config.data.name=cxr_phantom/tiny', f'--config.data.data_dir={phantom_data_dir}',
+          '--config.data.drop_no_finding=False', '--config.batch_size=8',
+          '--config.eval_batch_size=8', '--config.num_train_steps=4',
+          '--config.eval_every_steps=2', '--config.log_every_steps=1']
+  out = _run(*args)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # Progress and stage lines reach the terminal.
+  assert 'step 4/4 loss' in out.stderr and 'steps/s, ETA' in out.stderr
+  assert 'Stage report done' in out.stderr
+
+  report = workdir / 'report'
+  metrics = json.loads((report / 'metrics.json').read_text())
+  model = metrics['models']['Without Attention']
+  assert set(model) >= {'binary_accuracy', 'f1', 'mean_auroc', 'mae', 'auroc'}
+  table = (report / 'report.md').read_text()
+  assert '| Model | Binary Accuracy | F1-Score | Average AUC | MAE |' in table
+  assert '| Without Attention |' in table
+  assert (report / 'roc.png').stat().st_size > 1000
+  assert (workdir / 'train' / 'best').is_dir() and (workdir / 'train' / 'logs').is_dir()
+  assert json.loads((workdir / 'config.json').read_text())['batch_size'] == 8
+
+  # The same command again: every stage is skipped.
+  again = _run(*args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stderr.count('already finished') == 3

@@ -1,0 +1,93 @@
+"""The training loop and stage runner on the tiny phantom: resume, skip, subset, errors."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from etils import epath
+
+from cxr_jax import checkpoints, stages, train
+
+
+def _final_state(config, workdir):
+  """The latest train state written under workdir/train, restored into a fresh target."""
+  from cxr_jax import optim, parallel
+  from cxr_jax.models import build_model
+  model = build_model(config.model, num_classes=len(config.data.classes))
+  tx = optim.build_optimizer(config.optimizer, config.num_train_steps)
+  target = train.create_train_state(model, tx, (64, 64, 3), jax.random.key(1),
+                                    parallel.make_mesh())
+  ckpt = checkpoints.Checkpoints(epath.Path(workdir) / 'train')
+  try:
+    state, meta = ckpt.restore_latest(target)
+  finally:
+    ckpt.close()
+  return jax.device_get(state), meta
+
+
+def test_kill_and_resume_ends_with_same_parameters(phantom_data_dir, tmp_path, monkeypatch):
+  config = tiny_config(phantom_data_dir)
+  stages.run(config, tmp_path / 'straight', only=['train'])
+  straight, meta_a = _final_state(config, tmp_path / 'straight')
+  assert int(straight.step) == 6
+
+  # Second run: the process "dies" in step 5, after the step-4 checkpoint.
+  real_make_step = train.make_train_step
+
+  def dying_make_step(*args, **kwargs):
+    step_fn = real_make_step(*args, **kwargs)
+    calls = {'n': 0}
+
+    def step(state, batch, key):
+      calls['n'] += 1
+      if calls['n'] == 5:
+        raise KeyboardInterrupt('simulated kill')
+      return step_fn(state, batch, key)
+    return step
+
+  monkeypatch.setattr(train, 'make_train_step', dying_make_step)
+  with pytest.raises(KeyboardInterrupt):
+    stages.run(config, tmp_path / 'killed', only=['train'])
+  assert not (tmp_path / 'killed' / 'train' / stages.DONE).exists()
+  assert checkpoints.Checkpoints(tmp_path / 'killed' / 'train').latest_step() == 4
+  monkeypatch.setattr(train, 'make_train_step', real_make_step)
+
+  stages.run(config, tmp_path / 'killed', only=['train'])  # resumes from step 4
+  resumed, meta_b = _final_state(config, tmp_path / 'killed')
+  assert int(resumed.step) == 6
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert meta_a == meta_b  # best value/step and plateau bookkeeping survive the restart
+
+
+def test_stage_runner_skips_finished_and_runs_subsets(phantom_data_dir, tmp_path, caplog):
+  config = tiny_config(phantom_data_dir)
+  config.num_train_steps = 2
+  config.eval_every_steps = 2
+  workdir = tmp_path / 'run'
+  stages.run(config, workdir)
+  for stage in ('train', 'evaluate', 'report'):
+    assert (workdir / stage / stages.DONE).exists()
+  for name in ('metrics.json', 'report.md', 'roc.png', 'confusion.png'):
+    assert (workdir / 'report' / name).exists(), name
+  assert (workdir / 'evaluate' / 'predictions_test.npz').exists()
+  report_mtime = (workdir / 'report' / 'report.md').stat().st_mtime_ns
+
+  caplog.set_level('INFO')
+  stages.run(config, workdir)
+  assert caplog.text.count('already finished') == 3
+  assert (workdir / 'report' / 'report.md').stat().st_mtime_ns == report_mtime
+
+  caplog.clear()
+  stages.run(config, workdir, only=['report'], rerun=True)
+  assert 'Stage report done' in caplog.text and 'Stage train' not in caplog.text
+
+  with pytest.raises(ValueError, match=r"--stages: \['explain'\] not in this config's stages"):
+    stages.run(config, workdir, only=['explain'])
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+  config = tiny_config(str(tmp_path / 'empty_tfds'))
+  config.data.name = 'nih_chest_xray14/patient13-224'
+  with pytest.raises(FileNotFoundError, match='nih_chest_xray14'):
+    stages.run(config, tmp_path / 'run', only=['train'])
