@@ -20,12 +20,18 @@ INSTALL_REQUIRES = [
     'pillow>=10.0',
     'matplotlib>=3.8',
     'tqdm>=4.66',
+    # TFDS 4.9.10 imports it unconditionally but declares it only for Python < 3.9
+    # (tensorflow/datasets#11212): without it download_and_prepare fails on a fresh install.
+    'importlib_resources>=6.0',
 ]
 
 EXTRAS_REQUIRE = {
     # tfds.testing.DatasetBuilderTestCase needs dill and importlib_resources.
-    'test': ['pytest>=8.0', 'ruff>=0.6', 'dill>=0.3.8', 'importlib_resources>=6.0'],
+    'test': ['pytest>=8.0', 'ruff>=0.6', 'dill>=0.3.8', 'pydicom>=2.4'],
     'dicom': ['pydicom>=2.4'],
+    # The `tfds build` CLI imports both at start-up; apache-beam also runs the Beam path of
+    # nih_chest_xray14 (--beam_pipeline_options=...). Tested: apache-beam 2.77, mlcroissant 1.1.1.
+    'tfds-cli': ['apache-beam>=2.77.0', 'mlcroissant>=1.1.1'],
 }
 
 setup(

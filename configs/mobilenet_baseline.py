@@ -30,7 +30,8 @@ from cxr_jax.data.labels import NIH13_CLASSES
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.name = 'mobilenet_baseline'
-  config.report_label = 'Without Attention'
+  config.stages = ('train_classifier', 'evaluate', 'explain', 'report')
+  config.report_models = (('train_classifier', 'Without Attention'),)
 
   config.data.name = 'nih_chest_xray14/patient13-224'
   config.data.classes = NIH13_CLASSES
@@ -53,6 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 50
   config.best_metric = 'f1'
   config.threshold = 0.5
+  # Fig. 2: PDA on the last feature map (7 x 7 at 224 px), the paper's level.
+  config.explain.level = 'features'
+  config.explain.window = 2
+  config.explain.stride = 1
+  config.explain.num_images = 8
 
   if arg == 'demo':
     apply_demo(config)
@@ -75,3 +81,9 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
   config.log_every_steps = 50
   config.eval_every_steps = 200
   config.checkpoint_every_steps = 200
+  # At 64 px the last feature map is only 2 x 2, so the demo explains pixels instead: 8 x 8
+  # windows every 4 px, 10 samples each (2,250 forward passes per heat map).
+  config.explain.level = 'pixels'
+  config.explain.window = 8
+  config.explain.stride = 4
+  config.explain.num_images = 4

@@ -15,7 +15,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.name = ''
   c.seed = 0
   c.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators, parameters stay float32
-  c.stages = ('train', 'evaluate', 'report')
+  c.stages = ('train_classifier', 'evaluate', 'report')
+  # Training stages whose best checkpoints `evaluate` and `report` put side by side, in table
+  # order: (stage, label in the tables) pairs.
+  c.report_models = (('train_classifier', 'Model'),)
+  # Initialise part of the model from an earlier stage's best checkpoint (strict shapes):
+  # stage name ('' = none) and the top-level parameter subtree to fill, e.g. 'backbone'.
+  c.init_from = ml_collections.ConfigDict({'stage': '', 'target': ''})
+  # Per training stage, top-level fields replaced wholesale for that stage (see stages.py).
+  c.stage_overrides = ml_collections.ConfigDict()
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cxr_phantom/64'
@@ -42,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_mask = 'all'
   c.optimizer.grad_clip_norm = 0.0
   c.optimizer.kwargs = ml_collections.ConfigDict()
+  c.optimizer.frozen = ()  # parameter path prefixes not trained, e.g. ('backbone',)
   c.optimizer.plateau = ml_collections.ConfigDict({
       'enabled': False, 'metric': 'loss', 'patience': 5, 'factor': 0.1, 'cooldown': 0,
       'max_reductions': 3})
@@ -54,6 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
+
+  # Prediction Difference Analysis heat maps (stage `explain`, and `python -m cxr_jax.predict
+  # --explain=pda`): level 'features' (paper 000: last feature map, head only) or 'pixels'.
+  c.explain = ml_collections.ConfigDict({
+      'level': 'features', 'split': 'bbox', 'num_images': 8, 'sampler': 'marginal',
+      'window': 2, 'stride': 1, 'padding': 1, 'num_samples': 10, 'chunk_size': 256,
+      'num_reference': 64, 'laplace_n': 10_000, 'seed': 0})
 
   c.evaluator = 'multilabel_classification'
   c.best_metric = 'mean_auroc'
@@ -72,7 +88,32 @@ def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad `config.` key (registries list valid names)."""
-  from cxr_jax import evaluate, losses, optim, stages
+  from cxr_jax import stages
+
+  def check(key, fn, *args):
+    try:
+      fn(*args)
+    except ValueError as e:
+      raise ValueError(f'config.{key}: {e}') from None
+
+  for stage in config.stages:
+    check('stages', stages.STAGES.get, stage)
+  for stage, _ in config.report_models:
+    if stage not in config.stages:
+      raise ValueError(f'config.report_models: {stage!r} is not one of config.stages '
+                       f'{list(config.stages)}.')
+  _check_fields(config)
+  for stage in config.stage_overrides:
+    check('stage_overrides', stages.STAGES.get, stage)
+    try:
+      _check_fields(stages.stage_config(config, stage))
+    except ValueError as e:
+      raise ValueError(f'{e} (with config.stage_overrides.{stage})') from None
+
+
+def _check_fields(config: ml_collections.ConfigDict) -> None:
+  """The checks of `validate` that apply to one stage's effective config."""
+  from cxr_jax import evaluate, losses, optim
   from cxr_jax.data import ops
   from cxr_jax.data.labels import class_indices
   from cxr_jax.evaluators import EVALUATORS
@@ -84,8 +125,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
       raise ValueError(f'config.{key}: {e}') from None
 
-  for stage in config.stages:
-    check('stages', stages.STAGES.get, stage)
   check('model.name', MODELS.get, config.model.name)
   check('dtype', parse_dtype, config.dtype)
   check('loss', losses.get_loss, config.loss)

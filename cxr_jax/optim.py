@@ -7,6 +7,7 @@ plateau included, lives in the checkpointed state and survives a restart.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,8 @@ def build_optimizer(opt_cfg: ml_collections.ConfigDict,
 
   `opt_cfg` fields: name, learning_rate, schedule (name + kwargs), weight_decay, decoupled
   (AdamW-style decay instead of L2 added to the gradient, which is torch/Keras `weight_decay`),
-  decay_mask, grad_clip_norm, and any optimiser kwargs in `opt_cfg.kwargs`.
+  decay_mask, grad_clip_norm, frozen (parameter path prefixes such as 'backbone' that are not
+  trained), and any optimiser kwargs in `opt_cfg.kwargs`.
   """
   sched_cfg = dict(opt_cfg.schedule.to_dict())
   schedule = SCHEDULES.get(sched_cfg.pop('name'))(opt_cfg.learning_rate, total_steps, **sched_cfg)
@@ -83,8 +85,22 @@ def build_optimizer(opt_cfg: ml_collections.ConfigDict,
   optimizer = OPTIMIZERS.get(opt_cfg.name)(schedule, **opt_cfg.kwargs.to_dict())
   parts.append(_decoupled(optimizer, wd, mask, schedule) if wd and opt_cfg.decoupled
                else optimizer)
-  parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  frozen = tuple(opt_cfg.get('frozen', ()) or ())
+  if frozen:
+    # Frozen parameters get no update, no decay and no optimiser state.
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
+                               functools.partial(_freeze_labels, prefixes=frozen))
+  # Last, so that `plateau_scale` finds it at opt_state[-1] whatever came before.
+  return optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def _freeze_labels(params: Any, prefixes: tuple[str, ...]) -> Any:
+  """'frozen' for parameters whose '/'-joined path starts with one of `prefixes`."""
+  def label(path, _):
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    return 'frozen' if any(name == p or name.startswith(p + '/') for p in prefixes) else 'train'
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def _decoupled(inner: optax.GradientTransformation, wd: float, mask: Any,

@@ -6,6 +6,7 @@ Each stage is a function `(config, workdir) -> None` registered by name that wri
 own checkpoints.
 """
 
+import copy
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -30,40 +31,103 @@ def _is_chief() -> bool:
   return jax.process_index() == 0
 
 
-@STAGES.register('train')
-def train_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Trains the classifier; keeps the best checkpoint by `config.best_metric` on validation."""
-  train.train_and_evaluate(config, workdir / 'train')
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """`config` with the top-level fields in `config.stage_overrides.<stage>` replaced wholesale.
+
+  A method with two training stages keeps stage 1's settings at the top level and lists what
+  stage 2 changes under its name, e.g. `config.stage_overrides.train_attention.model`.
+  """
+  overrides = config.stage_overrides.get(stage)
+  if not overrides:
+    return config
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    for key, value in overrides.items():
+      if key not in cfg or key == 'stage_overrides':
+        raise ValueError(f'config.stage_overrides.{stage}.{key}: not a config field that a '
+                         'stage can override.')
+      cfg[key] = copy.deepcopy(value)
+  return cfg
+
+
+def _train_stage(name: str) -> StageFn:
+  def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    train.train_and_evaluate(stage_config(config, name), workdir / name)
+  run_stage.__doc__ = (f'Trains the model of `config` (+ `config.stage_overrides.{name}`) '
+                       f'in {name}/.')
+  return run_stage
+
+
+# Stage 1 of every method; paper 000 adds the recurrent attention branch as stage 2.
+STAGES.register('train_classifier')(_train_stage('train_classifier'))
+STAGES.register('train_attention')(_train_stage('train_attention'))
 
 
 @STAGES.register('evaluate')
 def evaluate_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Runs the best checkpoint of `train` on every eval split; saves predictions and metrics."""
-  model, variables = train.restore_best_variables(config, workdir / 'train')
-  out = workdir / 'evaluate'
-  for name, split in config.data.eval_splits.items():
-    evaluator = EVALUATORS.get(config.evaluator)(
-        train.make_predict_fn(model), config.data, split, batch_size=config.eval_batch_size,
-        mesh=train.parallel.make_mesh(), class_names=tuple(config.data.classes),
-        threshold=config.threshold)
-    metrics, preds = evaluator.run(variables)
-    if _is_chief():
-      preds.save(str(out / f'predictions_{name}.npz'))
-      atomic_write_json(str(out / f'metrics_{name}.json'), metrics)
-    logging.info('%s (%s): mean AUROC %.4f, F1 %.4f on %d images.', name, split,
-                 metrics['mean_auroc'], metrics['f1'], metrics['num_examples'])
+  """Runs the best checkpoint of every `config.report_models` stage on every eval split."""
+  mesh = train.parallel.make_mesh()
+  for stage, _ in config.report_models:
+    model, variables = train.restore_best_variables(workdir / stage)
+    info = train.load_model_info(workdir / stage)
+    out = workdir / 'evaluate' / stage
+    for name, split in config.data.eval_splits.items():
+      evaluator = EVALUATORS.get(config.evaluator)(
+          train.make_predict_fn(model), config.data, split, batch_size=config.eval_batch_size,
+          mesh=mesh, class_names=tuple(info['class_names']), threshold=info['threshold'])
+      metrics, preds = evaluator.run(variables)
+      if _is_chief():
+        preds.save(str(out / f'predictions_{name}.npz'))
+        atomic_write_json(str(out / f'metrics_{name}.json'), metrics)
+      logging.info('%s on %s (%s): mean AUROC %s, F1 %.4f on %d images.', stage, name, split,
+                   metrics['mean_auroc'], metrics['f1'], metrics['num_examples'])
+
+
+@STAGES.register('explain')
+def explain_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """PDA heat maps (and attention maps) of every reported model: paper 000 Fig. 2/3."""
+  from cxr_jax.explain import pda_figures  # imports TF-side data code only when used
+  pda_figures.explain_stage(config, workdir)
 
 
 @STAGES.register('report')
 def report_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Tables (paper format), metrics.json and ROC curves of the test split in `report/`."""
-  preds = Predictions.load(str(workdir / 'evaluate' / 'predictions_test.npz'))
-  metrics = json.loads((workdir / 'evaluate' / 'metrics_test.json').read_text())
-  label = config.get('report_label', config.name)
+  """Tables in the papers' format, metrics.json and ROC curves of the test split in `report/`.
+
+  One column (or row) per `config.report_models` entry, e.g. paper 000's Table II with the
+  model without attention and the attention-guided one side by side.
+  """
+  results, labels, probs = {}, {}, {}
+  for stage, label in config.report_models:
+    src = workdir / 'evaluate' / stage
+    preds = Predictions.load(str(src / 'predictions_test.npz'))
+    results[label] = json.loads((src / 'metrics_test.json').read_text())
+    labels[label], probs[label] = preds.labels, preds.probs
   if _is_chief():
-    evaluate.write_report(str(workdir / 'report'), {label: metrics}, {label: preds.labels},
-                          {label: preds.probs}, tuple(config.data.classes),
+    report_dir = workdir / 'report'
+    evaluate.write_report(str(report_dir), results, labels, probs, tuple(config.data.classes),
                           title=f'{config.name}: {config.data.name} test split')
+    _add_heatmaps(workdir / 'explain', report_dir)
+
+
+def _add_heatmaps(explain_dir: epath.Path, report_dir: epath.Path) -> None:
+  """Copies the explain stage's figures into report/heatmaps/ and links them in report.md."""
+  index_path = explain_dir / 'index.json'
+  if not index_path.exists():
+    return
+  index = json.loads(index_path.read_text())
+  (report_dir / 'heatmaps').mkdir(parents=True, exist_ok=True)
+  lines = ['', f'## Heat maps (Prediction Difference Analysis, {index["level"]} level)', '',
+           'Red boxes: ground truth. Colour: weight of evidence for the class in bits '
+           '(positive = speaks for it). Attention figures show the recurrent attention weights '
+           'of each step.', '']
+  for record in index['images']:
+    for name in record['files']:
+      (explain_dir / name).copy(report_dir / 'heatmaps' / name, overwrite=True)
+      lines.append(f'![{name}](heatmaps/{name})')
+    lines.append('')
+  report_md = report_dir / 'report.md'
+  atomic_write_text(str(report_md), report_md.read_text() + '\n'.join(lines))
 
 
 def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:

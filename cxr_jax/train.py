@@ -1,122 +1,32 @@
-"""The training loop: sharded train step, periodic evaluation, checkpoints and logs.
+"""The training loop: periodic evaluation, best-checkpoint selection, resuming, logs.
 
 The loop does not know which paper it runs: the config names the model, loss, optimiser and
-data, and `train_and_evaluate` wires them together. One step is `jax.jit` of a `jax.shard_map`
-over the `data` mesh axis: each device computes the gradient of the globally averaged loss on
-its shard, BatchNorm averages its batch statistics over `data`, and the optimiser update runs
-on the replicated, identical gradients.
+data, and `train_and_evaluate` wires them together around the data-parallel step of
+cxr_jax/train_step.py.
 """
 
 import dataclasses
-import functools
 import json
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
-from flax import struct
-from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from cxr_jax import checkpoints, evaluate, losses, optim, parallel
 from cxr_jax.data import pipeline
 from cxr_jax.evaluators import EVALUATORS
 from cxr_jax.io_utils import atomic_write_json
 from cxr_jax.models import build_model
+from cxr_jax.train_step import TrainState, create_train_state, make_predict_fn, make_train_step
 
 MODEL_INFO = 'model.json'
-
-
-@struct.dataclass
-class TrainState:
-  """Everything a step changes. Replicated over the `data` axis."""
-
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
-  def variables(self) -> dict[str, Any]:
-    v = {'params': self.params}
-    if self.batch_stats:
-      v['batch_stats'] = self.batch_stats
-    return v
-
-
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...], key: jax.Array,
-                       mesh: jax.sharding.Mesh) -> TrainState:
-  """Initialises parameters for images of `image_shape` [H, W, C], replicated over `mesh`."""
-
-  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
-  def init(key):
-    variables = model.init({'params': key, 'dropout': key}, jnp.zeros((1, *image_shape)),
-                           train=False)
-    params = variables['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
-
-  return init(key)
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    loss_fn: losses.LossFn, mesh: jax.sharding.Mesh
-                    ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array],
-                                  tuple[TrainState, dict[str, jax.Array]]]:
-  """Returns jit(step)(state, batch, key) -> (state, metrics); the state is donated.
-
-  `batch` holds global arrays 'image' [B, H, W, C] and 'labels' [B, K] sharded over `data`.
-  """
-  axis = parallel.DATA_AXIS
-
-  def per_device(params, batch_stats, images, labels, key):
-    key = jax.random.fold_in(key, lax.axis_index(axis))
-
-    def loss_of(params):
-      variables = {'params': params}
-      if batch_stats:
-        variables['batch_stats'] = batch_stats
-      logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
-                                    rngs={'dropout': key})
-      # Differentiate the pmean'd loss: the gradient w.r.t. the replicated parameters is then
-      # the global-batch gradient (a local loss would come back summed over `data`).
-      loss = lax.pmean(jnp.mean(loss_fn(logits, labels)), axis)
-      return loss, updates.get('batch_stats', {})
-
-    (loss, new_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-    return loss, grads, new_stats
-
-  sharded_grads = jax.shard_map(
-      per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P()),
-      out_specs=(P(), P(), P()))
-
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
-    key = jax.random.fold_in(key, state.step)
-    loss, grads, batch_stats = sharded_grads(state.params, state.batch_stats, batch['image'],
-                                             batch['labels'], key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
-
-  return step
-
-
-def make_predict_fn(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
-  """(variables, images [B, H, W, C]) -> sigmoid probabilities [B, K]."""
-  return lambda variables, images: jax.nn.sigmoid(model.apply(variables, images, train=False))
 
 
 def num_train_steps(config: ml_collections.ConfigDict) -> int:
@@ -180,11 +90,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
       atomic_write_json(str(stage_dir / MODEL_INFO), {
           'image_shape': image_shape, 'class_names': class_names,
           'model': config.model.to_dict(), 'dtype': config.dtype,
-          'threshold': config.threshold, 'pp_eval': config.data.pp_eval})
+          'optimizer': config.optimizer.to_dict(), 'threshold': config.threshold,
+          'pp_eval': config.data.pp_eval, 'data': config.data.name})
     if latest is not None:
       state, meta = ckpt.restore_latest(state)
       start_step = int(state.step)
       logging.info('Resumed %s from step %d.', stage_dir, start_step)
+    elif config.get('init_from') and config.init_from.stage:
+      state = init_from_stage(state, stage_dir.parent / config.init_from.stage,
+                              config.init_from.target)
     plateau = optim.PlateauState(**meta['plateau'])
     train_iter = pipeline.make_train_iter(config.data, global_batch_size=config.batch_size,
                                           seed=config.seed, start_step=start_step)
@@ -245,20 +159,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
     writer.close()
 
 
-def restore_best_variables(config: ml_collections.ConfigDict,
-                           stage_dir: epath.Path) -> tuple[nn.Module, dict[str, Any]]:
-  """(model, variables) of the best checkpoint written by `train_and_evaluate`."""
-  info_path = stage_dir / MODEL_INFO
+def load_model_info(stage_dir: epath.Path) -> dict[str, Any]:
+  """The model.json a training stage writes: image shape, classes, model and optimiser config."""
+  info_path = epath.Path(stage_dir) / MODEL_INFO
   if not info_path.exists():
-    raise FileNotFoundError(f'{info_path} not found: run the training stage first.')
-  image_shape = tuple(json.loads(info_path.read_text())['image_shape'])
+    raise FileNotFoundError(f'{info_path} not found: run the training stage {stage_dir.name!r} '
+                            'of this workdir first.')
+  return json.loads(info_path.read_text())
+
+
+def restore_best_variables(stage_dir: epath.Path) -> tuple[nn.Module, dict[str, Any]]:
+  """(model, variables) of the best checkpoint written by `train_and_evaluate` in `stage_dir`.
+
+  Everything needed to rebuild the model is read from `stage_dir/model.json`, so this works
+  without the config that trained it (e.g. from `python -m cxr_jax.predict`).
+  """
+  stage_dir = epath.Path(stage_dir)
+  info = load_model_info(stage_dir)
   mesh = parallel.make_mesh()
-  model = build_model(config.model, num_classes=len(config.data.classes), dtype=config.dtype)
-  tx = optim.build_optimizer(config.optimizer, 1)
-  target = create_train_state(model, tx, image_shape, jax.random.key(0), mesh)
-  ckpt = checkpoints.Checkpoints(stage_dir, keep=config.keep_checkpoints)
+  model = build_model(ml_collections.ConfigDict(info['model']),
+                      num_classes=len(info['class_names']), dtype=info['dtype'])
+  tx = optim.build_optimizer(ml_collections.ConfigDict(info['optimizer']), 1)
+  target = create_train_state(model, tx, tuple(info['image_shape']), jax.random.key(0), mesh)
+  ckpt = checkpoints.Checkpoints(stage_dir)
   try:
     state, _ = ckpt.restore_best(target)
   finally:
     ckpt.close()
   return model, state.variables()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def init_from_stage(state: TrainState, source_dir: epath.Path, target: str) -> TrainState:
+  """Copies the best variables of an earlier stage into `state.params[target]` (and stats).
+
+  Strict: every parameter and statistic of the target subtree must come from the source with
+  the same shape; the error lists what is missing, unexpected or mis-shaped.
+  """
+  _, variables = restore_best_variables(source_dir)
+  new = {}
+  for collection in ('params', 'batch_stats'):
+    dest = getattr(state, collection)
+    src = variables.get(collection, {})
+    if target not in dest:
+      if src:
+        raise ValueError(f'init_from: the model has no {collection} subtree {target!r} to load '
+                         f'{source_dir} into; top-level names: {sorted(dest)}')
+      continue
+    want, got = _shapes(dest[target]), _shapes(src)
+    if want != got:
+      missing = sorted(set(want) - set(got))
+      unexpected = sorted(set(got) - set(want))
+      shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+      raise ValueError(
+          f'init_from {source_dir} -> {collection}[{target!r}] does not match: missing '
+          f'{missing[:10]}, unexpected {unexpected[:10]}, wrong shape '
+          f'{[(k, got[k], want[k]) for k in shapes[:10]]}')
+    sharding = jax.tree.leaves(dest[target])[0].sharding
+    new[collection] = {**dest, target: jax.device_put(src, sharding)}
+  logging.info('Initialised %s from the best checkpoint of %s.', target, source_dir)
+  return state.replace(**new)

@@ -51,4 +51,10 @@ def tiny_config(data_dir: str):
   config.log_every_steps = 1
   config.eval_every_steps = 3
   config.checkpoint_every_steps = 2
+  config.explain.num_images = 1
+  # 4 x 4 windows fit both the tiny model's 8 x 8 feature map and its 64 px input.
+  config.explain.window = 4
+  config.explain.stride = 4
+  config.explain.num_reference = 4
+  config.explain.num_samples = 2
   return config

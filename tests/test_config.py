@@ -77,4 +77,4 @@ def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
   assert out.returncode != 0 and 'batch_size' in out.stderr
   out = _main(f'--config={cfg}', '--config.model.name=vgg_99', f'--workdir={tmp_path}')
   assert out.returncode != 0 and 'config.model.name: Unknown model' in out.stderr
-  assert not (tmp_path / 'train').exists()
+  assert not (tmp_path / 'train_classifier').exists()

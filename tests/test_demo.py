@@ -19,7 +19,10 @@ def test_demo_command_end_to_end(phantom_data_dir, tmp_path):
           '--config.data.name=cxr_phantom/tiny', f'--config.data.data_dir={phantom_data_dir}',
           '--config.data.drop_no_finding=False', '--config.batch_size=8',
           '--config.eval_batch_size=8', '--config.num_train_steps=4',
-          '--config.eval_every_steps=2', '--config.log_every_steps=1']
+          '--config.eval_every_steps=2', '--config.log_every_steps=1',
+          '--config.explain.num_images=1', '--config.explain.window=16',
+          '--config.explain.stride=16', '--config.explain.num_reference=4',
+          '--config.explain.num_samples=2']
   out = _run(*args)
   assert out.returncode == 0, out.stderr[-3000:]
   # Progress and stage lines reach the terminal.
@@ -34,10 +37,14 @@ def test_demo_command_end_to_end(phantom_data_dir, tmp_path):
   assert '| Model | Binary Accuracy | F1-Score | Average AUC | MAE |' in table
   assert '| Without Attention |' in table
   assert (report / 'roc.png').stat().st_size > 1000
-  assert (workdir / 'train' / 'best').is_dir() and (workdir / 'train' / 'logs').is_dir()
+  # Fig. 2: PDA heat maps of the explain stage, copied into the report and linked from it.
+  heatmaps = sorted((report / 'heatmaps').glob('*.pda.png'))
+  assert len(heatmaps) == 1 and f'](heatmaps/{heatmaps[0].name})' in table
+  assert (workdir / 'train_classifier' / 'best').is_dir()
+  assert (workdir / 'train_classifier' / 'logs').is_dir()
   assert json.loads((workdir / 'config.json').read_text())['batch_size'] == 8
 
   # The same command again: every stage is skipped.
   again = _run(*args)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stderr.count('already finished') == 3
+  assert again.stderr.count('already finished') == 4

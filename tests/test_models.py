@@ -88,3 +88,41 @@ def test_depthwise_parameters_match_flax_grouped_conv_layout():
   assert ours.shape == theirs['params']['kernel'].shape == (3, 3, 1, 4)
   with pytest.raises(ValueError, match="impl='fft'"):
     DepthwiseConv(3, 1, impl='fft').init(jax.random.key(0), x)
+
+
+def test_return_features_and_head_fn_reproduce_logits():
+  from cxr_jax.models.mobilenet import head_fn
+  model = MobileNetV1(num_classes=4, width_multiplier=0.25)
+  x = jax.random.normal(jax.random.key(2), (3, 64, 64, 3))
+  variables = model.init(jax.random.key(0), x)
+  logits = model.apply(variables, x)
+  logits2, features = model.apply(variables, x, return_features=True)
+  np.testing.assert_array_equal(logits, logits2)
+  assert features.shape == (3, 2, 2, 256)
+  np.testing.assert_allclose(head_fn(model, variables)(features), logits, rtol=1e-5, atol=1e-6)
+
+
+def test_mobilenet_lstm_attention_wrapper():
+  from cxr_jax.models.mobilenet_lstm_attention import MobileNetLSTMAttention, attention_head_fn
+  model = MobileNetLSTMAttention(num_classes=3, width_multiplier=0.25, blocks=((16, 2), (32, 2)))
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
+  variables = model.init(jax.random.key(1), x)
+  assert set(variables['params']) == {'backbone', 'lstm_attention'}
+  logits, inter = model.apply(variables, x, mutable=['intermediates'])
+  assert logits.shape == (2, 3)
+  att = inter['intermediates']['attention'][0]
+  assert att.shape == (2, 3, 4, 4)
+  np.testing.assert_allclose(att.sum(axis=(2, 3)), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(inter['intermediates']['step_logits'][0][:, -1], logits, rtol=1e-6)
+  feats = model.apply(variables, x, method=MobileNetLSTMAttention.features)
+  np.testing.assert_allclose(attention_head_fn(model, variables)(feats), logits, rtol=1e-5,
+                             atol=1e-6)
+  # Frozen backbone: training mode leaves its BatchNorm statistics alone and passes no gradient.
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  for a, b in zip(jax.tree.leaves(updates['batch_stats']), jax.tree.leaves(
+      variables['batch_stats']), strict=True):
+    np.testing.assert_array_equal(a, b)
+  grads = jax.grad(lambda p: model.apply({**variables, 'params': p}, x).sum())(
+      variables['params'])
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads['backbone']))
+  assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads['lstm_attention']))

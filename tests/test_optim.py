@@ -98,3 +98,24 @@ def test_plateau_mode_max():
 def test_unknown_optimizer_lists_names():
   with pytest.raises(ValueError, match='valid names: adam, sgd'):
     optim.build_optimizer(_opt(name='rmsprop'), 1)
+
+
+def test_frozen_prefixes_get_no_update():
+  cfg = _opt(name='adam', learning_rate=0.1, weight_decay=0.1, frozen=('backbone',))
+  tx = optim.build_optimizer(cfg, 1)
+  p = {'backbone': {'conv': {'kernel': jnp.ones(3)}}, 'attention': {'w': jnp.ones(3)},
+       'backbone_extra': {'w': jnp.ones(3)}}
+  g = jax.tree.map(jnp.ones_like, p)
+  out, _ = _run(tx, p, g, 2)
+  np.testing.assert_array_equal(out['backbone']['conv']['kernel'], 1.0)
+  assert float(out['attention']['w'][0]) < 1.0
+  assert float(out['backbone_extra']['w'][0]) < 1.0  # a prefix means a whole path component
+
+
+def test_plateau_scale_with_frozen_parameters():
+  cfg = _opt(name='sgd', learning_rate=1.0, kwargs={'momentum': 0.0}, frozen=('a',))
+  tx = optim.build_optimizer(cfg, 1)
+  p = {'a': jnp.zeros(()), 'b': jnp.zeros(())}
+  state = optim.set_plateau_scale(tx.init(p), 0.5)
+  updates, _ = tx.update({'a': jnp.ones(()), 'b': jnp.ones(())}, state, p)
+  assert float(updates['a']) == 0.0 and float(updates['b']) == -0.5

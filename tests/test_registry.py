@@ -32,6 +32,7 @@ def test_project_registries_list_names():
   from cxr_jax.models import MODELS
   for reg, known in [(MODELS, 'mobilenet_v1'), (losses.LOSSES, 'sigmoid_bce'),
                      (optim.OPTIMIZERS, 'adam'), (optim.SCHEDULES, 'step'),
-                     (EVALUATORS, 'multilabel_classification'), (stages.STAGES, 'train')]:
+                     (EVALUATORS, 'multilabel_classification'),
+                     (stages.STAGES, 'train_classifier')]:
     with pytest.raises(ValueError, match=known):
       reg.get('no-such-thing')

@@ -17,7 +17,7 @@ def _final_state(config, workdir):
   tx = optim.build_optimizer(config.optimizer, config.num_train_steps)
   target = train.create_train_state(model, tx, (64, 64, 3), jax.random.key(1),
                                     parallel.make_mesh())
-  ckpt = checkpoints.Checkpoints(epath.Path(workdir) / 'train')
+  ckpt = checkpoints.Checkpoints(epath.Path(workdir) / 'train_classifier')
   try:
     state, meta = ckpt.restore_latest(target)
   finally:
@@ -27,7 +27,7 @@ def _final_state(config, workdir):
 
 def test_kill_and_resume_ends_with_same_parameters(phantom_data_dir, tmp_path, monkeypatch):
   config = tiny_config(phantom_data_dir)
-  stages.run(config, tmp_path / 'straight', only=['train'])
+  stages.run(config, tmp_path / 'straight', only=['train_classifier'])
   straight, meta_a = _final_state(config, tmp_path / 'straight')
   assert int(straight.step) == 6
 
@@ -47,12 +47,12 @@ def test_kill_and_resume_ends_with_same_parameters(phantom_data_dir, tmp_path, m
 
   monkeypatch.setattr(train, 'make_train_step', dying_make_step)
   with pytest.raises(KeyboardInterrupt):
-    stages.run(config, tmp_path / 'killed', only=['train'])
-  assert not (tmp_path / 'killed' / 'train' / stages.DONE).exists()
-  assert checkpoints.Checkpoints(tmp_path / 'killed' / 'train').latest_step() == 4
+    stages.run(config, tmp_path / 'killed', only=['train_classifier'])
+  assert not (tmp_path / 'killed' / 'train_classifier' / stages.DONE).exists()
+  assert checkpoints.Checkpoints(tmp_path / 'killed' / 'train_classifier').latest_step() == 4
   monkeypatch.setattr(train, 'make_train_step', real_make_step)
 
-  stages.run(config, tmp_path / 'killed', only=['train'])  # resumes from step 4
+  stages.run(config, tmp_path / 'killed', only=['train_classifier'])  # resumes from step 4
   resumed, meta_b = _final_state(config, tmp_path / 'killed')
   assert int(resumed.step) == 6
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
@@ -64,23 +64,25 @@ def test_stage_runner_skips_finished_and_runs_subsets(phantom_data_dir, tmp_path
   config = tiny_config(phantom_data_dir)
   config.num_train_steps = 2
   config.eval_every_steps = 2
+  config.stages = ('train_classifier', 'evaluate', 'report')  # explain: see test_demo.py
   workdir = tmp_path / 'run'
   stages.run(config, workdir)
-  for stage in ('train', 'evaluate', 'report'):
+  for stage in ('train_classifier', 'evaluate', 'report'):
     assert (workdir / stage / stages.DONE).exists()
   for name in ('metrics.json', 'report.md', 'roc.png', 'confusion.png'):
     assert (workdir / 'report' / name).exists(), name
-  assert (workdir / 'evaluate' / 'predictions_test.npz').exists()
+  assert (workdir / 'evaluate' / 'train_classifier' / 'predictions_test.npz').exists()
   report_mtime = (workdir / 'report' / 'report.md').stat().st_mtime_ns
 
   caplog.set_level('INFO')
+  caplog.set_level('INFO', logger='absl')  # absl keeps its own level (a CLI may lower it)
   stages.run(config, workdir)
   assert caplog.text.count('already finished') == 3
   assert (workdir / 'report' / 'report.md').stat().st_mtime_ns == report_mtime
 
   caplog.clear()
   stages.run(config, workdir, only=['report'], rerun=True)
-  assert 'Stage report done' in caplog.text and 'Stage train' not in caplog.text
+  assert 'Stage report done' in caplog.text and 'Stage train_classifier' not in caplog.text
 
   with pytest.raises(ValueError, match=r"--stages: \['explain'\] not in this config's stages"):
     stages.run(config, workdir, only=['explain'])
@@ -90,4 +92,4 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
   config = tiny_config(str(tmp_path / 'empty_tfds'))
   config.data.name = 'nih_chest_xray14/patient13-224'
   with pytest.raises(FileNotFoundError, match='nih_chest_xray14'):
-    stages.run(config, tmp_path / 'run', only=['train'])
+    stages.run(config, tmp_path / 'run', only=['train_classifier'])

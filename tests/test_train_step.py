@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cxr_jax import losses, optim, parallel, train
+from cxr_jax import losses, optim, parallel
+from cxr_jax import train_step as train
 from cxr_jax.config_lib import base_config
 from cxr_jax.models.mobilenet import MobileNetV1
 

@@ -9,7 +9,7 @@ Intermediate maps are sown into the 'intermediates' collection under stable name
 `pooled` = [B, C]) for attention branches, CAM and PDA.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -92,8 +92,13 @@ class MobileNetV1(nn.Module):
     return max(self.min_channels, int(channels * self.width_multiplier))
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Maps images [B, H, W, C] to logits [B, num_classes] (float32)."""
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Maps images [B, H, W, C] to logits [B, num_classes] (float32).
+
+    With `return_features`, returns (logits, features [B, h, w, C']) where `features` is the last
+    map before pooling, from which `head_fn` alone recomputes the logits.
+    """
     if self.activation not in ACTIVATIONS:
       raise ValueError(f'MobileNetV1.activation={self.activation!r}; valid: {list(ACTIVATIONS)}')
     conv = lambda **kw: ConvBN(
@@ -110,8 +115,27 @@ class MobileNetV1(nn.Module):
                name=f'block_{i}_pointwise')(x, train=train)
       self.sow('intermediates', f'block_{i}', x)
     self.sow('intermediates', 'features', x)
+    features = x
     x = jnp.mean(x, axis=(1, 2))
     self.sow('intermediates', 'pooled', x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # bf16 -> f32 logits
+    logits = x.astype(jnp.promote_types(self.dtype, jnp.float32))  # bf16 -> f32 logits
+    return (logits, features) if return_features else logits
+
+
+def head_fn(model: MobileNetV1, variables: dict) -> Callable[[jax.Array], jax.Array]:
+  """The classifier head alone: features [N, h, w, C'] -> logits [N, K], eval mode.
+
+  Feature-level explanations (PDA, CAM) re-evaluate only this part: global average pooling and
+  the dense layer (dropout is the identity at evaluation).
+  """
+  kernel = variables['params']['head']['kernel']
+  bias = variables['params']['head']['bias']
+
+  def fn(features: jax.Array) -> jax.Array:
+    pooled = jnp.mean(features.astype(model.dtype), axis=(1, 2))
+    logits = pooled @ kernel.astype(model.dtype) + bias.astype(model.dtype)
+    return logits.astype(jnp.promote_types(model.dtype, jnp.float32))
+
+  return fn

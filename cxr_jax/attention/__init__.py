@@ -1,0 +1,10 @@
+"""Attention branches that sit on a backbone's spatial feature maps.
+
+Each module takes annotation vectors, i.e. a feature map [B, h, w, C] (the last map before global
+average pooling), and returns class logits together with the attention it paid, so the same
+weights serve classification and visualisation. A config wires a module to a backbone; the
+modules know nothing about the backbone or the data.
+
+- `lstm_attention.LSTMAttention`: the recurrent soft attention of paper 000 (Saednia et al.),
+  after Show, Attend and Tell (Xu et al. 2015) and the class-feedback of Ba et al. 2014.
+"""

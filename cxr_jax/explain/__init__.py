@@ -1,0 +1,1 @@
+"""Explaining decisions: Prediction Difference Analysis heat maps and their overlays."""

@@ -1,0 +1,102 @@
+"""The data-parallel train step and train state (pure JAX: no TensorFlow, no IO).
+
+One step is `jax.jit` of a `jax.shard_map` over the `data` mesh axis: each device computes the
+gradient of the globally averaged loss on its shard, BatchNorm averages its batch statistics
+over `data`, and the optimiser update runs on the replicated, identical gradients.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from cxr_jax import losses, parallel
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step changes. Replicated over the `data` axis."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  def variables(self) -> dict[str, Any]:
+    v = {'params': self.params}
+    if self.batch_stats:
+      v['batch_stats'] = self.batch_stats
+    return v
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       image_shape: tuple[int, ...], key: jax.Array,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+  """Initialises parameters for images of `image_shape` [H, W, C], replicated over `mesh`."""
+
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
+  def init(key):
+    variables = model.init({'params': key, 'dropout': key}, jnp.zeros((1, *image_shape)),
+                           train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+
+  return init(key)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    loss_fn: losses.LossFn, mesh: jax.sharding.Mesh
+                    ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array],
+                                  tuple[TrainState, dict[str, jax.Array]]]:
+  """Returns jit(step)(state, batch, key) -> (state, metrics); the state is donated.
+
+  `batch` holds global arrays 'image' [B, H, W, C] and 'labels' [B, K] sharded over `data`.
+  """
+  axis = parallel.DATA_AXIS
+
+  def per_device(params, batch_stats, images, labels, key):
+    key = jax.random.fold_in(key, lax.axis_index(axis))
+
+    def loss_of(params):
+      variables = {'params': params}
+      if batch_stats:
+        variables['batch_stats'] = batch_stats
+      logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
+                                    rngs={'dropout': key})
+      # Differentiate the pmean'd loss: the gradient w.r.t. the replicated parameters is then
+      # the global-batch gradient (a local loss would come back summed over `data`).
+      loss = lax.pmean(jnp.mean(loss_fn(logits, labels)), axis)
+      return loss, updates.get('batch_stats', {})
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    return loss, grads, new_stats
+
+  sharded_grads = jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P()),
+      out_specs=(P(), P(), P()))
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
+    key = jax.random.fold_in(key, state.step)
+    loss, grads, batch_stats = sharded_grads(state.params, state.batch_stats, batch['image'],
+                                             batch['labels'], key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+
+  return step
+
+
+def make_predict_fn(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
+  """(variables, images [B, H, W, C]) -> sigmoid probabilities [B, K]."""
+  return lambda variables, images: jax.nn.sigmoid(model.apply(variables, images, train=False))
