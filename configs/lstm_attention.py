@@ -70,9 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     baseline.apply_demo(config)
     attention.model.width_multiplier = config.model.width_multiplier
     attention.num_epochs = -1
-    attention.num_train_steps = 300
-    attention.eval_every_steps = 100
-    attention.checkpoint_every_steps = 100
+    # The branch trains on frozen features (~30 steps/s here) but from scratch: 300 steps
+    # leave it at 0.70 mean test AUROC, 1,500 at 0.77, still rising.
+    attention.num_train_steps = 2500
+    attention.eval_every_steps = 500
+    attention.checkpoint_every_steps = 500
   elif arg:
     raise ValueError(f"Unknown config argument {arg!r}; valid: 'demo'.")
   return config

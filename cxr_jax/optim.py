@@ -71,7 +71,13 @@ def build_optimizer(opt_cfg: ml_collections.ConfigDict,
   `opt_cfg` fields: name, learning_rate, schedule (name + kwargs), weight_decay, decoupled
   (AdamW-style decay instead of L2 added to the gradient, which is torch/Keras `weight_decay`),
   decay_mask, grad_clip_norm, frozen (parameter path prefixes such as 'backbone' that are not
-  trained), and any optimiser kwargs in `opt_cfg.kwargs`.
+  trained), lr_multipliers (optional {path prefix: factor}: updates of matching parameters are
+  scaled by the factor, the longest matching prefix winning; factor 0 freezes, like `frozen`),
+  and any optimiser kwargs in `opt_cfg.kwargs`.
+
+  Paper 003's fine-tuning recipe (new head, faster): `lr_multipliers={'fc8': 10.0}` trains the
+  transferred layers at the base rate and the new head at 10x (Matlab's
+  WeightLearnRateFactor); `{'fc8': 10.0, '': 0.0}` would train the head alone ('' matches all).
   """
   sched_cfg = dict(opt_cfg.schedule.to_dict())
   schedule = SCHEDULES.get(sched_cfg.pop('name'))(opt_cfg.learning_rate, total_steps, **sched_cfg)
@@ -87,20 +93,69 @@ def build_optimizer(opt_cfg: ml_collections.ConfigDict,
                else optimizer)
   tx = optax.chain(*parts)
   frozen = tuple(opt_cfg.get('frozen', ()) or ())
-  if frozen:
+  multipliers = _lr_multipliers(opt_cfg.get('lr_multipliers'))
+  if frozen or 0.0 in multipliers.values():
     # Frozen parameters get no update, no decay and no optimiser state.
-    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
-                               functools.partial(_freeze_labels, prefixes=frozen))
+    tx = optax.multi_transform(
+        {'train': tx, 'frozen': optax.set_to_zero()},
+        functools.partial(_freeze_labels, prefixes=frozen, multipliers=multipliers))
+  if any(m not in (0.0, 1.0) for m in multipliers.values()):
+    # Scaling the optimiser's output scales its learning rate (SGD, momentum, Adam alike) and
+    # keeps one optimiser state and one global gradient norm over all trained parameters.
+    factors = sorted(set(multipliers.values()) | {1.0})
+    tx = optax.chain(tx, optax.multi_transform(
+        {_mult_label(m): optax.scale(m) if m else optax.set_to_zero() for m in factors},
+        functools.partial(_multiplier_labels, multipliers=multipliers)))
   # Last, so that `plateau_scale` finds it at opt_state[-1] whatever came before.
   return optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
 
 
-def _freeze_labels(params: Any, prefixes: tuple[str, ...]) -> Any:
-  """'frozen' for parameters whose '/'-joined path starts with one of `prefixes`."""
+def _path_name(path: Any) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def _matches(name: str, prefix: str) -> bool:
+  return prefix == '' or name == prefix or name.startswith(prefix + '/')
+
+
+def _lr_multipliers(cfg: Any) -> dict[str, float]:
+  """{prefix: factor} from a dict, ConfigDict or sequence of pairs (None: no multipliers)."""
+  if not cfg:
+    return {}
+  items = cfg.to_dict().items() if hasattr(cfg, 'to_dict') else dict(cfg).items()
+  out = {}
+  for prefix, factor in items:
+    if float(factor) < 0:
+      raise ValueError(f'config.optimizer.lr_multipliers[{prefix!r}]={factor} is negative')
+    out[str(prefix).strip('/')] = float(factor)
+  return out
+
+
+def _multiplier(name: str, multipliers: dict[str, float]) -> float:
+  """Factor of the longest prefix matching `name` (1 when none matches)."""
+  best = max((p for p in multipliers if _matches(name, p)), key=len, default=None)
+  return 1.0 if best is None else multipliers[best]
+
+
+def _mult_label(factor: float) -> str:
+  return f'lr_x{factor:g}'
+
+
+def _freeze_labels(params: Any, prefixes: tuple[str, ...],
+                   multipliers: dict[str, float] | None = None) -> Any:
+  """'frozen' for parameters whose '/'-joined path starts with one of `prefixes`, or whose
+  learning-rate multiplier is 0."""
   def label(path, _):
-    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    return 'frozen' if any(name == p or name.startswith(p + '/') for p in prefixes) else 'train'
+    name = _path_name(path)
+    if any(_matches(name, p) for p in prefixes if p):
+      return 'frozen'
+    return 'frozen' if multipliers and _multiplier(name, multipliers) == 0.0 else 'train'
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _multiplier_labels(params: Any, multipliers: dict[str, float]) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _mult_label(_multiplier(_path_name(path), multipliers)), params)
 
 
 def _decoupled(inner: optax.GradientTransformation, wd: float, mask: Any,

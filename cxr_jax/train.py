@@ -6,6 +6,7 @@ cxr_jax/train_step.py.
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -73,17 +74,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
   init_key, step_key = jax.random.split(root_key)
   ckpt = checkpoints.Checkpoints(stage_dir, keep=config.keep_checkpoints)
   first = True
-  start_step, meta = 0, {'best_value': None, 'best_step': None, 'plateau': {}}
-  train_iter = None
-  state = None
+  meta = {'best_value': None, 'best_step': None, 'plateau': {}}
   writer = metric_writers.create_default_writer(
       str(stage_dir / 'logs'), just_logging=jax.process_index() > 0)
   try:
     latest = ckpt.latest_step()
-    # The first batch's shape sizes the model; resuming rebuilds the iterator at the step.
-    probe = next(pipeline.make_train_iter(config.data, global_batch_size=config.batch_size,
-                                          seed=config.seed, start_step=0))
-    image_shape = tuple(int(d) for d in probe['image'].shape[1:])
+    start_step = latest or 0
+    # The iterator starts where the run resumes; its first batch sizes the model and is then
+    # trained on like every other.
+    train_iter = pipeline.make_train_iter(config.data, global_batch_size=config.batch_size,
+                                          seed=config.seed, start_step=start_step)
+    first_batch = next(train_iter)
+    train_iter = itertools.chain([first_batch], train_iter)
+    image_shape = tuple(int(d) for d in first_batch['image'].shape[1:])
     state = create_train_state(model, tx, image_shape, init_key, mesh)
     if jax.process_index() == 0:
       # What later stages and `predict` need to rebuild the model without the data.
@@ -94,14 +97,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
           'pp_eval': config.data.pp_eval, 'data': config.data.name})
     if latest is not None:
       state, meta = ckpt.restore_latest(state)
-      start_step = int(state.step)
+      if int(state.step) != start_step:
+        raise ValueError(f'{stage_dir}: checkpoint {latest} holds step {int(state.step)}.')
       logging.info('Resumed %s from step %d.', stage_dir, start_step)
     elif config.get('init_from') and config.init_from.stage:
       state = init_from_stage(state, stage_dir.parent / config.init_from.stage,
                               config.init_from.target)
     plateau = optim.PlateauState(**meta['plateau'])
-    train_iter = pipeline.make_train_iter(config.data, global_batch_size=config.batch_size,
-                                          seed=config.seed, start_step=start_step)
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     logging.info('Training %s for %d steps (global batch %d on %d devices).',
                  config.model.name, total_steps, config.batch_size, mesh.devices.size)

@@ -7,6 +7,14 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# torchvision (parity tests) must be imported before TensorFlow: the other order segfaults in
+# torchvision's import (seen with TF 2.21 + torch 2.14.1 here). The parity tests skip without it.
+try:
+  import torch  # noqa: E402,F401
+  import torchvision  # noqa: E402,F401
+except ImportError:
+  pass
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -29,7 +37,10 @@ def phantom_data_dir(tmp_path_factory) -> str:
 
   import cxr_jax.data  # noqa: F401  (registers the builder)
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  tfds.builder('cxr_phantom/tiny', data_dir=data_dir).download_and_prepare()
+  builder = tfds.builder('cxr_phantom/tiny', data_dir=data_dir)
+  builder.download_and_prepare()
+  sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
+  assert sizes == {'train': 24, 'validation': 8, 'test': 8, 'bbox': 8}, sizes
   return data_dir
 
 

@@ -10,6 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cxr_jax.data import pipeline
+from cxr_jax.data.features import classification_features
 from cxr_jax.data.labels import NIH_CLASSES
 
 SIZE = 16
@@ -44,27 +45,7 @@ class PipelineTestCxr(tfds.core.GeneratorBasedBuilder):
     # DatasetInfo directly: dataset_info_from_configs wants a package with README/citations.
     return tfds.core.DatasetInfo(
       builder=self,
-      features=tfds.features.FeaturesDict(
-        {
-          'image_id': tfds.features.Text(),
-          'image': tfds.features.Image(shape=(SIZE, SIZE, 1), encoding_format='png'),
-          'labels': tfds.features.Tensor(shape=(14,), dtype=np.float32),
-          'no_finding': tfds.features.Tensor(shape=(), dtype=np.bool_),
-          'patient_id': tfds.features.Scalar(np.int64),
-          'follow_up': tfds.features.Scalar(np.int64),
-          'age': tfds.features.Scalar(np.int64),
-          'sex': tfds.features.ClassLabel(names=['M', 'F']),
-          'view_position': tfds.features.ClassLabel(names=['PA', 'AP']),
-          'objects': tfds.features.Sequence(
-            {
-              'bbox': tfds.features.BBoxFeature(),
-              'bbox_xywh': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-              'label': tfds.features.ClassLabel(names=NIH_CLASSES),
-            }
-          ),
-          'masks': tfds.features.Image(shape=(SIZE, SIZE, 3), encoding_format='png'),
-        }
-      ),
+      features=classification_features(SIZE, masks=True),
     )
 
   def _split_generators(self, dl_manager):

@@ -39,4 +39,4 @@ def build_model(model_cfg: ml_collections.ConfigDict, *, num_classes: int,
 
 
 # Importing the modules registers their models.
-from cxr_jax.models import mobilenet, mobilenet_lstm_attention  # noqa: E402,F401
+from cxr_jax.models import alexnet, custom_cnn, densenet, mobilenet, mobilenet_lstm_attention, resnet, unet, vgg  # noqa: E402,E501,F401,I001

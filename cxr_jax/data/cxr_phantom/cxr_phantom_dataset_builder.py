@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cxr_jax.data.cxr_phantom import phantom, sampling
-from cxr_jax.data.labels import NIH_CLASSES
+from cxr_jax.data.features import classification_features
 
 
 @dataclasses.dataclass(eq=False)
@@ -88,27 +88,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          'image_id': tfds.features.Text(),
-          'image': tfds.features.Image(shape=(s, s, 1), dtype=np.uint8, encoding_format='png'),
-          'labels': tfds.features.Tensor(shape=(len(NIH_CLASSES),), dtype=np.float32),
-          'no_finding': tfds.features.Tensor(shape=(), dtype=np.bool_),
-          'patient_id': tfds.features.Scalar(np.int64),
-          'follow_up': tfds.features.Scalar(np.int64),
-          'age': tfds.features.Scalar(np.int64),
-          'sex': tfds.features.ClassLabel(names=['M', 'F']),
-          'view_position': tfds.features.ClassLabel(names=['PA', 'AP']),
-          'objects': tfds.features.Sequence(
-            {
-              'bbox': tfds.features.BBoxFeature(),
-              'bbox_xywh': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-              'label': tfds.features.ClassLabel(names=NIH_CLASSES),
-            }
-          ),
-          'masks': tfds.features.Image(shape=(s, s, 3), dtype=np.uint8, encoding_format='png'),
-        }
-      ),
+      features=classification_features(s, masks=True),
       supervised_keys=('image', 'labels'),
       homepage='https://github.com/cxr_jax/cxr_jax',
     )

@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from cxr_jax.data import xray_files
+from cxr_jax.data.features import classification_features
 from cxr_jax.data.jsrt_scr import jsrt_scr_dataset_builder as jsrt
 from cxr_jax.data.labels import BBOX_LIST_ALIASES, NIH_CLASSES
 
@@ -112,22 +113,7 @@ def nih_boxes(boxes: list[dict[str, str]], src_w: float, src_h: float, size: int
 
 def _nih_features(size: int) -> tfds.features.FeaturesDict:
   """The common cxr_jax classification spec (no masks: NIH has none)."""
-  return tfds.features.FeaturesDict({
-    'image_id': tfds.features.Text(),
-    'image': tfds.features.Image(shape=(size, size, 1), dtype=np.uint8, encoding_format='png'),
-    'labels': tfds.features.Tensor(shape=(len(NIH_CLASSES),), dtype=np.float32),
-    'no_finding': tfds.features.Tensor(shape=(), dtype=np.bool_),
-    'patient_id': tfds.features.Scalar(np.int64),
-    'follow_up': tfds.features.Scalar(np.int64),
-    'age': tfds.features.Scalar(np.int64),
-    'sex': tfds.features.ClassLabel(names=['M', 'F']),
-    'view_position': tfds.features.ClassLabel(names=['PA', 'AP']),
-    'objects': tfds.features.Sequence({
-      'bbox': tfds.features.BBoxFeature(),
-      'bbox_xywh': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-      'label': tfds.features.ClassLabel(names=NIH_CLASSES),
-    }),
-  })
+  return classification_features(size)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):

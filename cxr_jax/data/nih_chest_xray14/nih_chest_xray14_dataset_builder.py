@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from cxr_jax.data.features import classification_features
 from cxr_jax.data.labels import BBOX_LIST_ALIASES, NIH_CLASSES
 
 # The tarballs NIH ships, and the first image (sorted name) of each: NIH packed the 112,120 images
@@ -600,27 +601,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          'image_id': tfds.features.Text(),
-          'image': tfds.features.Image(shape=(s, s, 1), dtype=np.uint8, encoding_format='png'),
-          'labels': tfds.features.Tensor(shape=(len(NIH_CLASSES),), dtype=np.float32),
-          'no_finding': tfds.features.Tensor(shape=(), dtype=np.bool_),
-          'patient_id': tfds.features.Scalar(np.int64),
-          'follow_up': tfds.features.Scalar(np.int64),
-          'age': tfds.features.Scalar(np.int64),
-          'sex': tfds.features.ClassLabel(names=['M', 'F']),
-          'view_position': tfds.features.ClassLabel(names=['PA', 'AP']),
-          'original_size': tfds.features.Tensor(shape=(2,), dtype=np.int64),
-          'objects': tfds.features.Sequence(
-            {
-              'bbox': tfds.features.BBoxFeature(),
-              'bbox_xywh': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-              'label': tfds.features.ClassLabel(names=NIH_CLASSES),
-            }
-          ),
-        }
-      ),
+      features=classification_features(s, original_size=True),
       supervised_keys=('image', 'labels'),
       homepage='https://nihcc.app.box.com/v/ChestXray-NIHCC',
     )

@@ -1,0 +1,278 @@
+"""DenseNet-121/161/169/201 (Huang et al. 2017) in torchvision's layout (paper 004, CheXNet).
+
+Stem (7x7/2 conv `conv0`, `norm0`, ReLU, 3x3/2 max-pool), four dense blocks of BN-ReLU-1x1
+(bn_size * growth) - BN-ReLU-3x3 (growth) layers whose outputs are concatenated, transitions
+(BN-ReLU-1x1 halving the channels, 2x2 average pool) between them, a final BatchNorm `norm5`
+and ReLU, global average pooling and the dense head `classifier`. Module names are
+torchvision's (`dense_block1/denselayer1/norm1`, `transition1/conv`, ...; the blocks are
+`dense_block<i>` here since `denseblock<i>` names the sown maps, and torchvision keeps all but
+the classifier under `features.`), so parameter counts equal torchvision's (densenet121:
+7,978,856 with 1000 classes) and `from_torchvision` is a renaming plus transposes.
+
+Intermediate maps sown into 'intermediates': `stem` (after the stem's ReLU, before pooling),
+`denseblock1` ... `denseblock4` (outputs of the dense blocks, before the transitions), `features`
+(after `norm5` and ReLU, the last map before pooling, as torchvision's `forward` computes it)
+and `pooled` ([B, C]).
+"""
+
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxr_jax.models import MODELS
+from cxr_jax.models.resnet import batch_norm, convert_torchvision
+
+# (growth rate, block config, stem channels) of torchvision's DenseNets.
+DENSENET_CONFIGS: dict[str, tuple[int, tuple[int, ...], int]] = {
+    'densenet121': (32, (6, 12, 24, 16), 64),
+    'densenet161': (48, (6, 12, 36, 24), 96),
+    'densenet169': (32, (6, 12, 32, 32), 64),
+    'densenet201': (32, (6, 12, 48, 32), 64),
+}
+
+# torchvision: nn.init.kaiming_normal_ (fan_in, gain sqrt(2)) for every convolution.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
+def _conv(features: int, k: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+  # Symmetric k // 2 padding as torch's, not 'SAME' (which pads (2, 3) for the 7x7/2 stem).
+  return nn.Conv(features, (k, k), strides=stride, padding=((k // 2, k // 2),) * 2,
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+class DenseLayer(nn.Module):
+  """BN-ReLU-1x1 conv (bn_size * k) - BN-ReLU-3x3 conv (k = growth): [B,H,W,C] -> [B,H,W,k]."""
+
+  growth_rate: int = 32
+  bn_size: int = 4
+  drop_rate: float = 0.0
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    y = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm1', train)(x))
+    y = _conv(self.bn_size * self.growth_rate, 1, 1, self.dtype, 'conv1')(y)
+    y = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm2', train)(y))
+    y = _conv(self.growth_rate, 3, 1, self.dtype, 'conv2')(y)
+    return nn.Dropout(self.drop_rate, deterministic=not train)(y)
+
+
+class DenseBlock(nn.Module):
+  """`num_layers` dense layers, each fed the concatenation of the input and all earlier outputs."""
+
+  num_layers: int
+  growth_rate: int = 32
+  bn_size: int = 4
+  drop_rate: float = 0.0
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for i in range(1, self.num_layers + 1):
+      y = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.bn_axis_name,
+                     self.dtype, name=f'denselayer{i}')(x, train=train)
+      x = jnp.concatenate([x, y], axis=-1)
+    return x
+
+
+class Transition(nn.Module):
+  """BN-ReLU-1x1 conv to `features` channels, then 2x2/2 average pooling."""
+
+  features: int
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm', train)(x))
+    x = _conv(self.features, 1, 1, self.dtype, 'conv')(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class DenseNet(nn.Module):
+  """DenseNet classifier (torchvision layout) with a GAP + dense head `classifier`.
+
+  Attributes:
+    num_classes: outputs of the dense head (14 for CheXNet).
+    growth_rate: channels each dense layer adds (k = 32; 48 for DenseNet-161).
+    block_config: dense layers per block.
+    num_init_features: channels of the stem convolution.
+    bn_size: bottleneck width of a dense layer's 1x1 convolution, in multiples of growth_rate.
+    drop_rate: dropout after every dense layer (torchvision's default 0).
+    dtype: compute dtype; parameters stay float32, logits are float32.
+    bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
+  """
+
+  num_classes: int
+  growth_rate: int = 32
+  block_config: Sequence[int] = (6, 12, 24, 16)
+  num_init_features: int = 64
+  bn_size: int = 4
+  drop_rate: float = 0.0
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Maps images [B, H, W, C] (any C) to logits [B, num_classes] (float32).
+
+    With `return_features`, returns (logits, features [B, H/32, W/32, C']), `features` being
+    the map after `norm5` and ReLU (1024 channels for DenseNet-121).
+    """
+    x = x.astype(self.dtype)
+    x = _conv(self.num_init_features, 7, 2, self.dtype, 'conv0')(x)
+    x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm0', train)(x))
+    self.sow('intermediates', 'stem', x)
+    # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for i, num_layers in enumerate(self.block_config, start=1):
+      x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
+                     self.bn_axis_name, self.dtype, name=f'dense_block{i}')(x, train=train)
+      self.sow('intermediates', f'denseblock{i}', x)
+      if i < len(self.block_config):
+        x = Transition(x.shape[-1] // 2, self.bn_axis_name, self.dtype,
+                       name=f'transition{i}')(x, train=train)
+    x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm5', train)(x))
+    self.sow('intermediates', 'features', x)
+    features = x
+    x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'pooled', x)
+    # torchvision initialises the classifier's bias to 0 (its weight keeps Linear's default).
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+    logits = x.astype(jnp.promote_types(self.dtype, jnp.float32))  # bf16 -> f32 logits
+    return (logits, features) if return_features else logits
+
+
+def head_fn(model: DenseNet, variables: dict) -> Callable[[jax.Array], jax.Array]:
+  """The classifier head alone: features [N, h, w, C] -> logits [N, K], as in mobilenet.head_fn.
+
+  Global average pooling and the dense layer `classifier`: what PDA and CAM re-evaluate on the
+  `features` map.
+  """
+  kernel = variables['params']['classifier']['kernel']
+  bias = variables['params']['classifier']['bias']
+
+  def fn(features: jax.Array) -> jax.Array:
+    pooled = jnp.mean(features.astype(model.dtype), axis=(1, 2))
+    logits = pooled @ kernel.astype(model.dtype) + bias.astype(model.dtype)
+    return logits.astype(jnp.promote_types(model.dtype, jnp.float32))
+
+  return fn
+
+
+# One subclass per depth, registered by name (`build_model(name='densenet121')`).
+@MODELS.register('densenet121')
+class DenseNet121(DenseNet):
+  growth_rate: int = 32
+  block_config: Sequence[int] = (6, 12, 24, 16)
+  num_init_features: int = 64
+
+
+@MODELS.register('densenet161')
+class DenseNet161(DenseNet):
+  growth_rate: int = 48
+  block_config: Sequence[int] = (6, 12, 36, 24)
+  num_init_features: int = 96
+
+
+@MODELS.register('densenet169')
+class DenseNet169(DenseNet):
+  growth_rate: int = 32
+  block_config: Sequence[int] = (6, 12, 32, 32)
+  num_init_features: int = 64
+
+
+@MODELS.register('densenet201')
+class DenseNet201(DenseNet):
+  growth_rate: int = 32
+  block_config: Sequence[int] = (6, 12, 48, 32)
+  num_init_features: int = 64
+
+
+DENSENETS: dict[str, type[DenseNet]] = {
+    'densenet121': DenseNet121, 'densenet161': DenseNet161,
+    'densenet169': DenseNet169, 'densenet201': DenseNet201,
+}
+
+# Checkpoints saved before PyTorch 0.4 (torchvision's own densenet*-*.pth files) name the
+# dense layers' modules 'norm.1', 'conv.2'; torchvision renames them with this pattern on load.
+_OLD_KEY = re.compile(
+    r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$')
+
+
+def densenet_arch(state_dict: Mapping[str, Any]) -> str:
+  """The torchvision DenseNet ('densenet121', ...) whose layout `state_dict` has."""
+  counts = tuple(
+      len({m.group(1) for k in state_dict
+           if (m := re.match(rf'features\.denseblock{i}\.denselayer(\d+)\.', k))})
+      for i in range(1, 5))
+  for arch, (_, blocks, _) in DENSENET_CONFIGS.items():
+    if counts == blocks:
+      return arch
+  raise ValueError(f'state_dict is no torchvision DenseNet: layers per block {counts}; known: '
+                   f'{ {a: b for a, (_, b, _) in DENSENET_CONFIGS.items()} }')
+
+
+def _densenet_module_key(modules: tuple[str, ...]) -> str:
+  name = re.sub(r'^dense_block', 'denseblock', '.'.join(modules))
+  return name if name == 'classifier' else f'features.{name}'
+
+
+@functools.lru_cache(maxsize=8)
+def _template(arch: str, num_classes: int, in_channels: int) -> Any:
+  # Tracing the deeper models takes seconds; importers call this repeatedly with the same args.
+  model = DENSENETS[arch](num_classes=num_classes)
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, in_channels))))
+
+
+def from_torchvision(state_dict: Mapping[str, Any], *, num_classes: int | None = None,
+                     drop_head: bool = False, in_channels: int = 3,
+                     arch: str | None = None) -> dict[str, Any]:
+  """Flax variables for `DENSENETS[arch](num_classes)` from a torchvision DenseNet state_dict.
+
+  Args:
+    state_dict: torchvision `densenetXXX().state_dict()` as {name: array}; pre-0.4 key names
+      ('denselayer1.norm.1.weight') are accepted and renamed as torchvision does.
+    num_classes: classes of the flax model; None = those of the file's `classifier`. A different
+      number needs `drop_head=True`.
+    drop_head: leave out `classifier`: the returned variables lack params['classifier'], which
+      the caller initialises: `v = model.init(...); v['params'] = {**v['params'],
+      **imported['params']}` (`classifier` is a top-level key), `v['batch_stats'] =
+      imported['batch_stats']`.
+    in_channels: 3, or 1 to sum the first convolution over RGB.
+    arch: expected model ('densenet121'); None = found from the file (`densenet_arch`).
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} (float32 numpy); `model.apply(v, x_nhwc)` equals
+    torchvision's `model(x_nchw)` in eval mode.
+  """
+  state_dict = {_OLD_KEY.sub(r'\1\2', k): v for k, v in state_dict.items()}
+  found = densenet_arch(state_dict)
+  if arch is not None and arch != found:
+    raise ValueError(f'state_dict holds a {found}, not a {arch}')
+  head = ('classifier.weight', 'classifier.bias')
+  file_classes = np.shape(state_dict[head[0]])[0] if head[0] in state_dict else None
+  if num_classes is None:
+    if file_classes is None and not drop_head:
+      raise ValueError('state_dict has no classifier.weight: pass num_classes and drop_head=True')
+    num_classes = file_classes or 1
+  elif file_classes is not None and file_classes != num_classes and not drop_head:
+    raise ValueError(f'state_dict has {file_classes} classes, not {num_classes}: pass '
+                     'drop_head=True to re-initialise the head')
+  template = _template(found, num_classes, in_channels)
+  template = {'params': dict(template['params']), 'batch_stats': template['batch_stats']}
+  if drop_head:
+    del template['params']['classifier']
+  return convert_torchvision(state_dict, template, _densenet_module_key,
+                             first_conv='features.conv0.weight',
+                             ignore=head if drop_head else (), in_channels=in_channels)
