@@ -122,18 +122,25 @@ def _torch_mobilenet_v1(torch, num_classes: int):
   return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
 
 
-def bench_torch(name: str, size: int, batch: int, repeats: int,
-                channels_last: bool) -> dict[str, Any]:
+def bench_torch(name: str, size: int, batch: int, repeats: int, channels_last: bool,
+                dtype: str = 'float32') -> dict[str, Any]:
+  """torchvision on the GPU when JAX runs on one (bf16 via autocast), else on all CPU cores."""
+  import contextlib  # noqa: PLC0415
+
   import torch  # noqa: PLC0415
   import torchvision  # noqa: PLC0415
 
   torch.set_num_threads(os.cpu_count())
+  device = 'cuda' if jax.devices()[0].platform == 'gpu' and torch.cuda.is_available() else 'cpu'
+  autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == 'bfloat16'
+              else contextlib.nullcontext())
   if name == 'mobilenet_v1':
     model = _torch_mobilenet_v1(torch, NUM_CLASSES)
   else:
     model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
-  x = torch.randn(batch, 3, size, size)
-  y = (torch.rand(batch, NUM_CLASSES) < 0.2).float()
+  model = model.to(device)
+  x = torch.randn(batch, 3, size, size, device=device)
+  y = (torch.rand(batch, NUM_CLASSES, device=device) < 0.2).float()
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -142,14 +149,15 @@ def bench_torch(name: str, size: int, batch: int, repeats: int,
 
   def train():
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
+    with autocast:
+      loss = loss_fn(model(x).float(), y)
     loss.backward()
     opt.step()
-    return loss.item()
+    return loss.item()  # .item() synchronises, so CUDA timings are complete
 
   def infer():
-    with torch.inference_mode():
-      return model(x).sum().item()
+    with torch.inference_mode(), autocast:
+      return model(x).float().sum().item()
 
   model.train()
   train_s = _timeit(train, repeats)
@@ -188,8 +196,9 @@ def main():
       row[f'jax_{kind}_gflop_s'] = flops / row[f'jax_{kind}_s'] / 1e9 if flops else None
       row[f'jax_{kind}_peak_frac'] = row[f'jax_{kind}_gflop_s'] / peak if flops else None
     can_torch = name in TORCHVISION or name == 'mobilenet_v1'
-    if not args.no_torch and can_torch and platform == 'cpu' and args.dtype == 'float32':
-      row.update(bench_torch(name, args.size, args.batch, repeats, args.channels_last))
+    if not args.no_torch and can_torch:
+      row.update(bench_torch(name, args.size, args.batch, repeats, args.channels_last,
+                             args.dtype))
       row['train_ratio'] = row['jax_train_img_s'] / row['torch_train_img_s']
       row['infer_ratio'] = row['jax_infer_img_s'] / row['torch_infer_img_s']
     rows.append(row)
