@@ -19,9 +19,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Training stages whose best checkpoints `evaluate` and `report` put side by side, in table
   # order: (stage, label in the tables) pairs.
   c.report_models = (('train_classifier', 'Model'),)
-  # Initialise part of the model from an earlier stage's best checkpoint (strict shapes):
-  # stage name ('' = none) and the top-level parameter subtree to fill, e.g. 'backbone'.
-  c.init_from = ml_collections.ConfigDict({'stage': '', 'target': ''})
+  # Initialise the model before training (strict shapes): from an earlier stage's best
+  # checkpoint (stage name; `target` = the top-level parameter subtree to fill, e.g. 'backbone')
+  # or from imported weights (`checkpoint` = a `python -m cxr_jax.tools.import_weights` output
+  # directory, e.g. ImageNet ResNet-101; the classifier head keeps this run's initialisation).
+  c.init_from = ml_collections.ConfigDict({'stage': '', 'target': '', 'checkpoint': ''})
   # Per training stage, top-level fields replaced wholesale for that stage (see stages.py).
   c.stage_overrides = ml_collections.ConfigDict()
 

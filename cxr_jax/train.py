@@ -100,9 +100,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
       if int(state.step) != start_step:
         raise ValueError(f'{stage_dir}: checkpoint {latest} holds step {int(state.step)}.')
       logging.info('Resumed %s from step %d.', stage_dir, start_step)
-    elif config.get('init_from') and config.init_from.stage:
+    elif config.init_from.stage:
       state = init_from_stage(state, stage_dir.parent / config.init_from.stage,
                               config.init_from.target)
+    elif config.init_from.checkpoint:
+      state = init_from_checkpoint(state, model, config.init_from.checkpoint,
+                                   in_channels=image_shape[-1])
     plateau = optim.PlateauState(**meta['plateau'])
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     logging.info('Training %s for %d steps (global batch %d on %d devices).',
@@ -194,6 +197,36 @@ def restore_best_variables(stage_dir: epath.Path) -> tuple[nn.Module, dict[str, 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {jax.tree_util.keystr(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def init_from_checkpoint(state: TrainState, model: nn.Module, directory: str, *,
+                         in_channels: int) -> TrainState:
+  """Loads imported weights (`python -m cxr_jax.tools.import_weights` output) into `state`.
+
+  Strict like the importer: every leaf must come from the checkpoint with its shape, except the
+  classifier head, which keeps this run's initialisation when the checkpoint's head was
+  initialised at import (`head_paths`) or has another number of classes.
+  """
+  from cxr_jax import pretrained
+  _, imported = pretrained.load_checkpoint(directory)
+  meta = pretrained.read_meta(directory)
+  fresh = {'params': jax.device_get(state.params), 'batch_stats': jax.device_get(
+      state.batch_stats)}
+  ours = _shapes(fresh)
+  theirs = _shapes(imported)
+  head = pretrained.classifier_paths(model.clone(bn_axis_name=None), in_channels)
+  differing = {p for p in head if ours.get(_keystr(p)) != theirs.get(_keystr(p))}
+  skip = tuple(sorted(set(meta.get('head_paths', [])) | differing))
+  merged = pretrained.merge_pretrained(fresh, imported, skip=skip)
+  sharding = jax.tree.leaves(state.params)[0].sharding
+  logging.info('Initialised the model from %s (kept this run\'s %s).', directory, skip or 'none')
+  return state.replace(params=jax.device_put(merged['params'], sharding),
+                       batch_stats=jax.device_put(merged.get('batch_stats', {}), sharding))
+
+
+def _keystr(path: str) -> str:
+  """'params/head/kernel' -> the jax.tree_util.keystr form `_shapes` uses."""
+  return ''.join(f"['{k}']" for k in path.split('/'))
 
 
 def init_from_stage(state: TrainState, source_dir: epath.Path, target: str) -> TrainState:

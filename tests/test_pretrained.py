@@ -216,3 +216,32 @@ def test_cli_writes_checkpoint_and_refuses_overwrite(keras_mobilenet, tmp_path, 
   assert import_weights.main(argv) == 1
   assert 'not empty' in capsys.readouterr().err
   assert not (tmp_path / 'ckpt.tmp').exists()
+
+
+def test_train_init_from_imported_checkpoint(tmp_path):
+  """config.init_from.checkpoint: every imported leaf lands in the train state, the head of a
+  run with another class count keeps its own initialisation."""
+  import jax.numpy as jnp
+
+  from cxr_jax import optim, parallel, train
+  from cxr_jax.config_lib import base_config
+  from cxr_jax.models.mobilenet import MobileNetV1
+
+  blocks = ((16, 2), (32, 2))
+  source = MobileNetV1(num_classes=10, blocks=blocks)
+  imported = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+  pretrained.save_checkpoint(
+      tmp_path / 'imported', source, imported,
+      {'model': 'mobilenet_v1', 'model_config': {'num_classes': 10, 'blocks': blocks},
+       'head_paths': []})
+  model = MobileNetV1(num_classes=14, blocks=blocks, bn_axis_name=parallel.DATA_AXIS)
+  tx = optim.build_optimizer(base_config().optimizer, 1)
+  state = train.create_train_state(model, tx, (32, 32, 3), jax.random.key(0),
+                                   parallel.make_mesh())
+  head0 = np.asarray(state.params['head']['kernel'])
+  state = train.init_from_checkpoint(state, model, str(tmp_path / 'imported'), in_channels=3)
+  np.testing.assert_array_equal(state.params['stem']['conv']['kernel'],
+                                imported['params']['stem']['conv']['kernel'])
+  np.testing.assert_array_equal(state.batch_stats['stem']['bn']['mean'],
+                                imported['batch_stats']['stem']['bn']['mean'])
+  np.testing.assert_array_equal(state.params['head']['kernel'], head0)
