@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxr_jax.models import MODELS
+from cxr_jax.models.heads import gap_dense_head_fn
 from cxr_jax.models.resnet import batch_norm, convert_torchvision
 
 # (growth rate, block config, stem channels) of torchvision's DenseNets.
@@ -153,20 +154,9 @@ class DenseNet(nn.Module):
 
 
 def head_fn(model: DenseNet, variables: dict) -> Callable[[jax.Array], jax.Array]:
-  """The classifier head alone: features [N, h, w, C] -> logits [N, K], as in mobilenet.head_fn.
-
-  Global average pooling and the dense layer `classifier`: what PDA and CAM re-evaluate on the
-  `features` map.
-  """
-  kernel = variables['params']['classifier']['kernel']
-  bias = variables['params']['classifier']['bias']
-
-  def fn(features: jax.Array) -> jax.Array:
-    pooled = jnp.mean(features.astype(model.dtype), axis=(1, 2))
-    logits = pooled @ kernel.astype(model.dtype) + bias.astype(model.dtype)
-    return logits.astype(jnp.promote_types(model.dtype, jnp.float32))
-
-  return fn
+  """The classifier head alone: features [N, h, w, C] -> logits [N, K] (GAP + `classifier`), what
+  feature-level explanations (PDA, CAM) re-evaluate."""
+  return gap_dense_head_fn(model.dtype, variables, 'classifier')
 
 
 # One subclass per depth, registered by name (`build_model(name='densenet121')`).

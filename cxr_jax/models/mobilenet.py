@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from cxr_jax.models import MODELS
 from cxr_jax.models.depthwise import DepthwiseConv
+from cxr_jax.models.heads import gap_dense_head_fn
 
 # (output channels, stride) of the 13 depthwise separable blocks, Table 1 of Howard et al.
 MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
@@ -125,17 +126,6 @@ class MobileNetV1(nn.Module):
 
 
 def head_fn(model: MobileNetV1, variables: dict) -> Callable[[jax.Array], jax.Array]:
-  """The classifier head alone: features [N, h, w, C'] -> logits [N, K], eval mode.
-
-  Feature-level explanations (PDA, CAM) re-evaluate only this part: global average pooling and
-  the dense layer (dropout is the identity at evaluation).
-  """
-  kernel = variables['params']['head']['kernel']
-  bias = variables['params']['head']['bias']
-
-  def fn(features: jax.Array) -> jax.Array:
-    pooled = jnp.mean(features.astype(model.dtype), axis=(1, 2))
-    logits = pooled @ kernel.astype(model.dtype) + bias.astype(model.dtype)
-    return logits.astype(jnp.promote_types(model.dtype, jnp.float32))
-
-  return fn
+  """The classifier head alone: features [N, h, w, C] -> logits [N, K] (GAP + `head`), what
+  feature-level explanations (PDA, CAM) re-evaluate."""
+  return gap_dense_head_fn(model.dtype, variables, 'head')

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxr_jax.models import MODELS
+from cxr_jax.models.heads import gap_dense_head_fn
 
 # Blocks per stage and block type, Table 1 of He et al.
 RESNET_STAGES: dict[str, tuple[tuple[int, ...], bool]] = {
@@ -200,20 +201,9 @@ class ResNet(nn.Module):
 
 
 def head_fn(model: ResNet, variables: dict) -> Callable[[jax.Array], jax.Array]:
-  """The classifier head alone: features [N, h, w, C] -> logits [N, K], as in mobilenet.head_fn.
-
-  Global average pooling and the dense layer `fc`: what PDA and CAM re-evaluate on the
-  `features` map.
-  """
-  kernel = variables['params']['fc']['kernel']
-  bias = variables['params']['fc']['bias']
-
-  def fn(features: jax.Array) -> jax.Array:
-    pooled = jnp.mean(features.astype(model.dtype), axis=(1, 2))
-    logits = pooled @ kernel.astype(model.dtype) + bias.astype(model.dtype)
-    return logits.astype(jnp.promote_types(model.dtype, jnp.float32))
-
-  return fn
+  """The classifier head alone: features [N, h, w, C] -> logits [N, K] (GAP + `fc`), what
+  feature-level explanations (PDA, CAM) re-evaluate."""
+  return gap_dense_head_fn(model.dtype, variables, 'fc')
 
 
 # One subclass per depth, registered by name, so that `build_model(name='resnet50')` works and
