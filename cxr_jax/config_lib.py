@@ -88,25 +88,27 @@ def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
       raise ValueError(f'config.{key}={value!r}: expected a positive number.')
 
 
+def _check(key: str, fn, *args) -> None:
+  """Runs a registry lookup or parser; its ValueError is re-raised naming `config.<key>`."""
+  try:
+    fn(*args)
+  except ValueError as e:
+    raise ValueError(f'config.{key}: {e}') from None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad `config.` key (registries list valid names)."""
   from cxr_jax import stages
 
-  def check(key, fn, *args):
-    try:
-      fn(*args)
-    except ValueError as e:
-      raise ValueError(f'config.{key}: {e}') from None
-
   for stage in config.stages:
-    check('stages', stages.STAGES.get, stage)
+    _check('stages', stages.STAGES.get, stage)
   for stage, _ in config.report_models:
     if stage not in config.stages:
       raise ValueError(f'config.report_models: {stage!r} is not one of config.stages '
                        f'{list(config.stages)}.')
   _check_fields(config)
   for stage in config.stage_overrides:
-    check('stage_overrides', stages.STAGES.get, stage)
+    _check('stage_overrides', stages.STAGES.get, stage)
     try:
       _check_fields(stages.stage_config(config, stage))
     except ValueError as e:
@@ -121,25 +123,19 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   from cxr_jax.evaluators import EVALUATORS
   from cxr_jax.models import MODELS, parse_dtype
 
-  def check(key, fn, *args):
-    try:
-      fn(*args)
-    except ValueError as e:
-      raise ValueError(f'config.{key}: {e}') from None
-
-  check('model.name', MODELS.get, config.model.name)
-  check('dtype', parse_dtype, config.dtype)
-  check('loss', losses.get_loss, config.loss)
-  check('optimizer.name', optim.OPTIMIZERS.get, config.optimizer.name)
-  check('optimizer.schedule.name', optim.SCHEDULES.get, config.optimizer.schedule.name)
-  check('evaluator', EVALUATORS.get, config.evaluator)
-  check('best_metric', evaluate.select_metric, {}, config.best_metric, True)
+  _check('model.name', MODELS.get, config.model.name)
+  _check('dtype', parse_dtype, config.dtype)
+  _check('loss', losses.get_loss, config.loss)
+  _check('optimizer.name', optim.OPTIMIZERS.get, config.optimizer.name)
+  _check('optimizer.schedule.name', optim.SCHEDULES.get, config.optimizer.schedule.name)
+  _check('evaluator', EVALUATORS.get, config.evaluator)
+  _check('best_metric', evaluate.select_metric, {}, config.best_metric, True)
   if config.optimizer.plateau.enabled:
-    check('optimizer.plateau.metric', evaluate.select_metric, {}, config.optimizer.plateau.metric,
+    _check('optimizer.plateau.metric', evaluate.select_metric, {}, config.optimizer.plateau.metric,
           True)
-  check('data.classes', class_indices, tuple(config.data.classes))
-  check('data.pp_train', ops.get_preprocess_fn, config.data.pp_train)
-  check('data.pp_eval', ops.get_preprocess_fn, config.data.pp_eval)
+  _check('data.classes', class_indices, tuple(config.data.classes))
+  _check('data.pp_train', ops.get_preprocess_fn, config.data.pp_train)
+  _check('data.pp_eval', ops.get_preprocess_fn, config.data.pp_eval)
   _positive(config, 'batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
             'checkpoint_every_steps', 'keep_checkpoints', 'optimizer.learning_rate')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
