@@ -22,8 +22,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Initialise the model before training (strict shapes): from an earlier stage's best
   # checkpoint (stage name; `target` = the top-level parameter subtree to fill, e.g. 'backbone')
   # or from imported weights (`checkpoint` = a `python -m cxr_jax.tools.import_weights` output
-  # directory, e.g. ImageNet ResNet-101; the classifier head keeps this run's initialisation).
-  c.init_from = ml_collections.ConfigDict({'stage': '', 'target': '', 'checkpoint': ''})
+  # directory, e.g. ImageNet ResNet-101; the classifier head keeps this run's initialisation;
+  # `fresh` = glob patterns of variables the checkpoint lacks that keep this run's
+  # initialisation, e.g. ('params/*/se/*',) for SE blocks on an ImageNet ResNet).
+  c.init_from = ml_collections.ConfigDict({'stage': '', 'target': '', 'checkpoint': '',
+                                           'fresh': ()})
   # Per training stage, top-level fields replaced wholesale for that stage (see stages.py).
   c.stage_overrides = ml_collections.ConfigDict()
 
@@ -39,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 10_000
   c.data.cache = False
   c.data.prefetch = 2
+  # JSON {'copies': {image_id: k}}: those train examples appear 1 + k times per epoch (paper
+  # 001's set C; the train_hard_examples stage sets it to what mine_hard_examples wrote).
+  c.data.extra_copies = ''
 
   c.model = ml_collections.ConfigDict({'name': 'mobilenet_v1'})
   c.loss = 'sigmoid_bce'
@@ -73,6 +79,26 @@ def base_config() -> ml_collections.ConfigDict:
       'window': 2, 'stride': 1, 'padding': 1, 'num_samples': 10, 'chunk_size': 256,
       'num_reference': 64, 'laplace_n': 10_000, 'seed': 0})
 
+  # Paper 001's hard example attention (stages mine_hard_examples, train_hard_examples): the
+  # model of `source_stage` scores the train split; positives with prob <= threshold are hard;
+  # 'per_image' adds each image with a hard positive once, 'per_pair' once per missed class.
+  c.hard_examples = ml_collections.ConfigDict(
+      {'source_stage': 'train_classifier', 'threshold': 0.5, 'copies': 'per_image'})
+
+  # Localisation on a box split (stage `localize`, cxr_jax/explain/localize.py): heat maps by
+  # `method` ('cam': class score maps of linear heads and of the space attention head;
+  # 'grad_cam': any head) at the last feature map, upsampled to the model input, binarised
+  # into boxes (`boxes`: explain/boxes.py BoxSettings) without any ground truth; `pp` = the
+  # preprocessing of that split ('' = data.pp_eval); accuracy at each T(IoU) of `iou_thresholds`;
+  # `require_prediction`: a box counts as missed unless the model also predicts its class.
+  c.localize = ml_collections.ConfigDict({
+      'split': 'bbox', 'method': 'cam', 'pp': '',
+      'boxes': ml_collections.ConfigDict({'threshold': 0.5, 'normalize': 'minmax',
+                                          'mode': 'largest', 'min_area': 0.0,
+                                          'connectivity': 8}),
+      'iou_thresholds': (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), 'require_prediction': False,
+      'batch_size': 16, 'num_overlays': 8})
+
   c.evaluator = 'multilabel_classification'
   c.best_metric = 'mean_auroc'
   c.threshold = 0.5
@@ -94,6 +120,11 @@ def _check(key: str, fn, *args) -> None:
     fn(*args)
   except ValueError as e:
     raise ValueError(f'config.{key}: {e}') from None
+
+
+def _one_of(value: str, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    raise ValueError(f'{value!r}; valid: {list(valid)}')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -134,6 +165,16 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
     _check('optimizer.plateau.metric', evaluate.select_metric, {}, config.optimizer.plateau.metric,
           True)
   _check('data.classes', class_indices, tuple(config.data.classes))
+  _check('localize.method', _one_of, config.localize.method, ('cam', 'grad_cam'))
+  _check('hard_examples.copies', _one_of, config.hard_examples.copies,
+         ('per_image', 'per_pair'))
+  if not 0.0 < config.hard_examples.threshold < 1.0:
+    raise ValueError(f'config.hard_examples.threshold={config.hard_examples.threshold!r}: '
+                     'expected a probability in (0, 1).')
+  from cxr_jax.explain.boxes import BoxSettings
+  BoxSettings.from_config(config.localize.boxes)  # its errors name config.localize.boxes.<key>
+  if config.localize.pp:
+    _check('localize.pp', ops.get_preprocess_fn, config.localize.pp)
   _check('data.pp_train', ops.get_preprocess_fn, config.data.pp_train)
   _check('data.pp_eval', ops.get_preprocess_fn, config.data.pp_eval)
   _positive(config, 'batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',

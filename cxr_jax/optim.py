@@ -44,10 +44,18 @@ def _constant(base_lr: float, total_steps: int, **_) -> Schedule:
 
 @SCHEDULES.register('step')
 def _step(base_lr: float, total_steps: int, *, boundaries: tuple[int, ...] = (),
-          factor: float = 0.1, **_) -> Schedule:
-  """lr * factor**i after the i-th boundary (in steps): paper 001's lr/10 after 20 epochs."""
+          boundary_epochs: tuple[float, ...] = (), factor: float = 0.1,
+          steps_per_epoch: float | None = None, **_) -> Schedule:
+  """lr * factor**i after the i-th boundary, given in steps (`boundaries`) or in epochs
+  (`boundary_epochs`, e.g. paper 001's lr/10 after 20 epochs; needs `steps_per_epoch`)."""
   del total_steps
-  return optax.piecewise_constant_schedule(base_lr, {int(b): factor for b in boundaries})
+  steps = [int(b) for b in boundaries]
+  if boundary_epochs:
+    if not steps_per_epoch:
+      raise ValueError('config.optimizer.schedule.boundary_epochs needs the steps per epoch '
+                       '(known when training on a data set)')
+    steps += [round(e * steps_per_epoch) for e in boundary_epochs]
+  return optax.piecewise_constant_schedule(base_lr, {b: factor for b in sorted(steps)})
 
 
 @SCHEDULES.register('cosine')
@@ -64,8 +72,8 @@ def _decay_mask(kind: str) -> Callable[[Any], Any] | None:
   raise ValueError(f"config.optimizer.decay_mask={kind!r}; valid: 'all', 'kernels'")
 
 
-def build_optimizer(opt_cfg: ml_collections.ConfigDict,
-                    total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int,
+                    steps_per_epoch: float | None = None) -> optax.GradientTransformation:
   """optax chain: [L2 or decoupled decay] -> optimiser(schedule) -> plateau scale.
 
   `opt_cfg` fields: name, learning_rate, schedule (name + kwargs), weight_decay, decoupled
@@ -80,7 +88,8 @@ def build_optimizer(opt_cfg: ml_collections.ConfigDict,
   WeightLearnRateFactor); `{'fc8': 10.0, '': 0.0}` would train the head alone ('' matches all).
   """
   sched_cfg = dict(opt_cfg.schedule.to_dict())
-  schedule = SCHEDULES.get(sched_cfg.pop('name'))(opt_cfg.learning_rate, total_steps, **sched_cfg)
+  schedule = SCHEDULES.get(sched_cfg.pop('name'))(opt_cfg.learning_rate, total_steps,
+                                                  steps_per_epoch=steps_per_epoch, **sched_cfg)
   parts = []
   if opt_cfg.get('grad_clip_norm'):
     parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))

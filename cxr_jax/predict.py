@@ -71,6 +71,8 @@ class Predictor:
   _head_fn: Callable[[jax.Array], jax.Array] | None = dataclasses.field(default=None, repr=False)
   _logits_fn: Callable[[jax.Array], jax.Array] | None = dataclasses.field(default=None,
                                                                          repr=False)
+  _score_map_fn: Callable[[jax.Array], jax.Array] | None = dataclasses.field(default=None,
+                                                                            repr=False)
 
   @property
   def class_names(self) -> tuple[str, ...]:
@@ -144,13 +146,23 @@ class Predictor:
     reuse the compiled program.
     """
     if self._head_fn is None:
-      if self.has_attention:
-        from cxr_jax.models.mobilenet_lstm_attention import attention_head_fn
-        self._head_fn = attention_head_fn(self.model, self.variables)
-      else:
-        from cxr_jax.models.mobilenet import head_fn
-        self._head_fn = head_fn(self.model, self.variables)
+      self._head_fn = self._model_function('head_fn')
     return self._head_fn
+
+  def score_map_fn(self) -> Callable[[jax.Array], jax.Array]:
+    """features [N, h, w, C'] -> class score maps [N, h, w, K] (CAM; the space attention
+    head's own map); UsageError for models without one (use Grad-CAM)."""
+    if self._score_map_fn is None:
+      self._score_map_fn = self._model_function('score_map_fn')
+    return self._score_map_fn
+
+  def _model_function(self, name: str) -> Callable[[jax.Array], jax.Array]:
+    from cxr_jax.models import model_function
+    make = model_function(self.model, name)
+    if make is None:
+      raise UsageError(f'the model of stage {self.stage!r} ({self.info["model"].get("name")}) '
+                       f'has no {name} (a linear class score map); use Grad-CAM instead.')
+    return make(self.model, self.variables)
 
 
 def _find_sown(tree: Any, name: str, ndim: int) -> np.ndarray | None:

@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from cxr_jax import evaluate, train
+from cxr_jax import evaluate, hard_examples, train
 from cxr_jax.evaluators import EVALUATORS, Predictions
 from cxr_jax.io_utils import atomic_write_json, atomic_write_text
 from cxr_jax.registry import Registry
@@ -63,6 +63,25 @@ STAGES.register('train_classifier')(_train_stage('train_classifier'))
 STAGES.register('train_attention')(_train_stage('train_attention'))
 
 
+@STAGES.register('mine_hard_examples')
+def mine_hard_examples_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Paper 001 stage 1 -> 2: hard positives of the train split (cxr_jax/hard_examples.py)."""
+  hard_examples.mine_stage(config, workdir)
+
+
+@STAGES.register('train_hard_examples')
+def train_hard_examples_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Paper 001 stage 2: trains on C = A + B (the mined hard positives repeated) in
+  train_hard_examples/; from scratch unless `config.stage_overrides.train_hard_examples.init_from`
+  says otherwise."""
+  cfg = stage_config(config, 'train_hard_examples')
+  if cfg is config:
+    cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    cfg.data.extra_copies = str(workdir / 'mine_hard_examples' / hard_examples.HARD_EXAMPLES)
+  train.train_and_evaluate(cfg, workdir / 'train_hard_examples')
+
+
 @STAGES.register('evaluate')
 def evaluate_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Runs the best checkpoint of every `config.report_models` stage on every eval split."""
@@ -90,6 +109,14 @@ def explain_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
   pda_figures.explain_stage(config, workdir)
 
 
+@STAGES.register('localize')
+def localize_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """CAM / Grad-CAM boxes of every reported model against the experts' boxes (papers 001, 002,
+  004): IoU, IoBB, accuracy at T(IoU), in localize/<stage>/."""
+  from cxr_jax.explain import localize  # imports matplotlib and TF-side data code when used
+  localize.localize_stage(config, workdir)
+
+
 @STAGES.register('report')
 def report_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Tables in the papers' format, metrics.json and ROC curves of the test split in `report/`.
@@ -107,7 +134,36 @@ def report_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
     report_dir = workdir / 'report'
     evaluate.write_report(str(report_dir), results, labels, probs, tuple(config.data.classes),
                           title=f'{config.name}: {config.data.name} test split')
+    _add_localization(config, workdir, report_dir)
     _add_heatmaps(workdir / 'explain', report_dir)
+
+
+def _add_localization(config: ml_collections.ConfigDict, workdir: epath.Path,
+                      report_dir: epath.Path) -> None:
+  """Localisation tables (papers 002/004 formats) of the models the localize stage ran."""
+  results = {}
+  for stage, label in config.report_models:
+    path = workdir / 'localize' / stage / 'localization.json'
+    if path.exists():
+      results[label] = json.loads(path.read_text())
+  if not results:
+    return
+  from cxr_jax.explain import localization
+  atomic_write_json(str(report_dir / 'localization.json'), {'models': results})
+  atomic_write_text(str(report_dir / 'localization.csv'), localization.csv_table(results))
+  first = next(iter(results.values()))
+  lines = ['', f'# Localisation on the {first["split"]!r} split ({first["method"]}, boxes: '
+           f'{first["boxes"]})', '', localization.markdown_tables(results), '']
+  for stage, label in config.report_models:
+    overlays_dir = workdir / 'localize' / stage / 'overlays'
+    if label in results and overlays_dir.exists():
+      (report_dir / 'localization').mkdir(parents=True, exist_ok=True)
+      for png in sorted(overlays_dir.glob('*.png')):
+        name = f'{stage}.{png.name}'
+        png.copy(report_dir / 'localization' / name, overwrite=True)
+        lines.append(f'![{label}: {png.name}](localization/{name})')
+  report_md = report_dir / 'report.md'
+  atomic_write_text(str(report_md), report_md.read_text() + '\n'.join(lines) + '\n')
 
 
 def _add_heatmaps(explain_dir: epath.Path, report_dir: epath.Path) -> None:

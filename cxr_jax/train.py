@@ -6,6 +6,7 @@ cxr_jax/train_step.py.
 """
 
 import dataclasses
+import fnmatch
 import itertools
 import json
 import math
@@ -30,15 +31,22 @@ from cxr_jax.train_step import TrainState, create_train_state, make_predict_fn, 
 MODEL_INFO = 'model.json'
 
 
+def steps_per_epoch(config: ml_collections.ConfigDict) -> float:
+  """Global steps of one pass over the (filtered, extra-copied) train split."""
+  n = pipeline.make_eval_iter(config.data, config.data.train_split,
+                              global_batch_size=config.batch_size).num_examples
+  if config.data.get('extra_copies'):
+    n += sum(pipeline.load_extra_copies(config.data.extra_copies).values())
+  return n * jax.process_count() / config.batch_size
+
+
 def num_train_steps(config: ml_collections.ConfigDict) -> int:
   """config.num_train_steps if > 0, else config.num_epochs over the (filtered) train split."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   if config.num_epochs <= 0:
     raise ValueError('Set config.num_train_steps or config.num_epochs to a positive number.')
-  n = pipeline.make_eval_iter(config.data, config.data.train_split,
-                              global_batch_size=config.batch_size).num_examples
-  return max(1, math.ceil(config.num_epochs * n * jax.process_count() / config.batch_size))
+  return max(1, math.ceil(config.num_epochs * steps_per_epoch(config)))
 
 
 def _scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -59,11 +67,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
   """
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
+  weights = config.init_from.checkpoint
+  if weights and not (epath.Path(weights) / 'import.json').exists():
+    raise FileNotFoundError(
+        f'config.init_from.checkpoint={weights!r}: no imported weights there (import.json '
+        'missing). Convert the file you downloaded with `python -m cxr_jax.tools.import_weights '
+        f'--source=torchvision --arch=... --input=FILE --output={weights}` (WORKSPACE.md), or '
+        "train from scratch with --config.init_from.checkpoint=''.")
   class_names = tuple(config.data.classes)
   model = build_model(config.model, num_classes=len(class_names), dtype=config.dtype,
                       bn_axis_name=parallel.DATA_AXIS)
   total_steps = num_train_steps(config)
-  tx = optim.build_optimizer(config.optimizer, total_steps)
+  epoch_steps = (steps_per_epoch(config) if config.optimizer.schedule.get('boundary_epochs')
+                 else None)
+  tx = optim.build_optimizer(config.optimizer, total_steps, epoch_steps)
   step_fn = make_train_step(model, tx, losses.get_loss(config.loss), mesh)
   evaluator = EVALUATORS.get(config.evaluator)(
       make_predict_fn(model), config.data, config.data.eval_splits.validation,
@@ -105,7 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
                               config.init_from.target)
     elif config.init_from.checkpoint:
       state = init_from_checkpoint(state, model, config.init_from.checkpoint,
-                                   in_channels=image_shape[-1])
+                                   in_channels=image_shape[-1],
+                                   fresh=tuple(config.init_from.get('fresh', ())))
     plateau = optim.PlateauState(**meta['plateau'])
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     logging.info('Training %s for %d steps (global batch %d on %d devices).',
@@ -184,7 +202,8 @@ def restore_best_variables(stage_dir: epath.Path) -> tuple[nn.Module, dict[str, 
   mesh = parallel.make_mesh()
   model = build_model(ml_collections.ConfigDict(info['model']),
                       num_classes=len(info['class_names']), dtype=info['dtype'])
-  tx = optim.build_optimizer(ml_collections.ConfigDict(info['optimizer']), 1)
+  # Only the optimiser state's structure matters here, not its schedule's values.
+  tx = optim.build_optimizer(ml_collections.ConfigDict(info['optimizer']), 1, steps_per_epoch=1.0)
   target = create_train_state(model, tx, tuple(info['image_shape']), jax.random.key(0), mesh)
   ckpt = checkpoints.Checkpoints(stage_dir)
   try:
@@ -200,28 +219,53 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def init_from_checkpoint(state: TrainState, model: nn.Module, directory: str, *,
-                         in_channels: int) -> TrainState:
+                         in_channels: int, fresh: tuple[str, ...] = ()) -> TrainState:
   """Loads imported weights (`python -m cxr_jax.tools.import_weights` output) into `state`.
 
-  Strict like the importer: every leaf must come from the checkpoint with its shape, except the
-  classifier head, which keeps this run's initialisation when the checkpoint's head was
-  initialised at import (`head_paths`) or has another number of classes.
+  Strict like the importer: every leaf must come from the checkpoint with its shape, except
+  - the classifier head, which keeps this run's initialisation when the checkpoint's head was
+    initialised at import (`head_paths`), has another number of classes, or is another head
+    (the checkpoint's head leaves that this model lacks are dropped: ImageNet `fc` -> space
+    attention head);
+  - leaves matching a `fresh` glob pattern ('params/*/se/*': SE gates an ImageNet ResNet lacks),
+    which keep this run's initialisation and need not be in the checkpoint.
   """
   from cxr_jax import pretrained
-  _, imported = pretrained.load_checkpoint(directory)
+  imported_model, imported = pretrained.load_checkpoint(directory)
   meta = pretrained.read_meta(directory)
-  fresh = {'params': jax.device_get(state.params), 'batch_stats': jax.device_get(
-      state.batch_stats)}
-  ours = _shapes(fresh)
-  theirs = _shapes(imported)
+  fresh_vars = {'params': jax.device_get(state.params),
+                'batch_stats': jax.device_get(state.batch_stats)}
+  ours = _shapes(fresh_vars)
   head = pretrained.classifier_paths(model.clone(bn_axis_name=None), in_channels)
-  differing = {p for p in head if ours.get(_keystr(p)) != theirs.get(_keystr(p))}
-  skip = tuple(sorted(set(meta.get('head_paths', [])) | differing))
-  merged = pretrained.merge_pretrained(fresh, imported, skip=skip)
+  differing = {p for p in head if ours.get(_keystr(p)) != _shapes(imported).get(_keystr(p))}
+  their_head = pretrained.classifier_paths(imported_model, in_channels)
+  imported = _drop_paths(imported, [p for p in their_head if _keystr(p) not in ours])
+  matched = sorted(p for p in _paths(fresh_vars) if any(fnmatch.fnmatch(p, f) for f in fresh))
+  unmatched = [f for f in fresh if not any(fnmatch.fnmatch(p, f) for p in _paths(fresh_vars))]
+  if unmatched:
+    raise ValueError(f'config.init_from.fresh: {unmatched} match no variable of the model '
+                     "(paths look like 'params/layer1_0/se/fc1/kernel').")
+  skip = tuple(sorted(set(meta.get('head_paths', [])) | differing | set(matched)))
+  merged = pretrained.merge_pretrained(fresh_vars, imported, skip=skip)
   sharding = jax.tree.leaves(state.params)[0].sharding
-  logging.info('Initialised the model from %s (kept this run\'s %s).', directory, skip or 'none')
+  logging.info('Initialised the model from %s (kept this run\'s initialisation for %d leaves: '
+               '%s%s).', directory, len(skip), ', '.join(skip[:6]), ' ...' if len(skip) > 6
+               else '')
   return state.replace(params=jax.device_put(merged['params'], sharding),
                        batch_stats=jax.device_put(merged.get('batch_stats', {}), sharding))
+
+
+def _paths(tree: Any) -> list[str]:
+  """'params/layer1_0/conv1/kernel' style paths of the leaves of a variables tree."""
+  return ['/'.join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _drop_paths(tree: dict, paths: list[str]) -> dict:
+  """`tree` without the leaves at `paths` (and sub-dicts left empty)."""
+  import flax
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
+  return flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in paths},
+                                           sep='/')
 
 
 def _keystr(path: str) -> str:
@@ -230,7 +274,8 @@ def _keystr(path: str) -> str:
 
 
 def init_from_stage(state: TrainState, source_dir: epath.Path, target: str) -> TrainState:
-  """Copies the best variables of an earlier stage into `state.params[target]` (and stats).
+  """Copies the best variables of an earlier stage into `state.params[target]` (and stats), or
+  into the whole model when `target` is '' (e.g. paper 001's stage 2 continuing stage 1).
 
   Strict: every parameter and statistic of the target subtree must come from the source with
   the same shape; the error lists what is missing, unexpected or mis-shaped.
@@ -240,21 +285,26 @@ def init_from_stage(state: TrainState, source_dir: epath.Path, target: str) -> T
   for collection in ('params', 'batch_stats'):
     dest = getattr(state, collection)
     src = variables.get(collection, {})
-    if target not in dest:
+    if target and target not in dest:
       if src:
         raise ValueError(f'init_from: the model has no {collection} subtree {target!r} to load '
                          f'{source_dir} into; top-level names: {sorted(dest)}')
       continue
-    want, got = _shapes(dest[target]), _shapes(src)
+    into = dest[target] if target else dest
+    want, got = _shapes(into), _shapes(src)
     if want != got:
       missing = sorted(set(want) - set(got))
       unexpected = sorted(set(got) - set(want))
       shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
       raise ValueError(
-          f'init_from {source_dir} -> {collection}[{target!r}] does not match: missing '
-          f'{missing[:10]}, unexpected {unexpected[:10]}, wrong shape '
+          f'init_from {source_dir} -> {collection}[{target or "<all>"!r}] does not match: '
+          f'missing {missing[:10]}, unexpected {unexpected[:10]}, wrong shape '
           f'{[(k, got[k], want[k]) for k in shapes[:10]]}')
-    sharding = jax.tree.leaves(dest[target])[0].sharding
-    new[collection] = {**dest, target: jax.device_put(src, sharding)}
-  logging.info('Initialised %s from the best checkpoint of %s.', target, source_dir)
+    if not want:
+      continue
+    sharding = jax.tree.leaves(into)[0].sharding
+    loaded = jax.device_put(src, sharding)
+    new[collection] = {**dest, target: loaded} if target else loaded
+  logging.info('Initialised %s from the best checkpoint of %s.', target or 'the model',
+               source_dir)
   return state.replace(**new)

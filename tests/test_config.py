@@ -11,7 +11,8 @@ from cxr_jax import config_lib
 from cxr_jax.main import default_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / 'configs').rglob('*.py'))
+# Files starting with '_' hold what several configs share; they are not configs.
+CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py') if not p.name.startswith('_'))
 
 
 def _load(path: pathlib.Path):
@@ -47,6 +48,10 @@ def test_demo_shrinks_the_full_config():
     ('best_metric', 'accuracy_ish', 'config.best_metric: Unknown metric'),
     ('data.pp_train', 'decode|sharpen(3)', 'config.data.pp_train: .*sharpen'),
     ('threshold', 1.5, 'config.threshold=1.5'),
+    ('localize.method', 'saliency', "config.localize.method: 'saliency'; valid"),
+    ('localize.boxes.mode', 'biggest', 'config.localize.boxes.mode'),
+    ('hard_examples.copies', 'per_class', 'config.hard_examples.copies'),
+    ('hard_examples.threshold', 1.0, 'config.hard_examples.threshold=1.0'),
 ])
 def test_validate_names_the_bad_key(key, value, message):
   config = config_lib.base_config()

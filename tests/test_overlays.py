@@ -105,3 +105,20 @@ def test_failed_render_leaves_no_file(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='disk full'):
     overlays.save_png(fig, tmp_path / 'x.png')
   assert list(tmp_path.iterdir()) == []
+
+
+def test_predicted_boxes_black_ground_truth_red():
+  image = np.full((64, 80), 0.9, np.float32)  # light background: black lines stand out
+  fig = overlays.overlay_heatmap(image, np.ones((2, 2)), boxes=[(10, 20, 15, 8)],
+                                 pred_boxes=[(40, 10, 30, 40)], colorbar=False)
+  [ax] = fig.axes
+  gt, pred = ax.patches
+  assert gt.get_edgecolor()[:3] == (1.0, 0.0, 0.0)
+  assert pred.get_edgecolor()[:3] == (0.0, 0.0, 0.0)
+  assert pred.get_xy() == (40, 10) and pred.get_width() == 30 and pred.get_height() == 40
+  rgb = np.asarray(Image.open(io.BytesIO(overlays.png_bytes(fig))).convert('RGB'), np.int32)
+  assert (rgb.max(axis=-1) < 40).any()  # black pixels drawn
+  grid = overlays.overlay_grid(image, [overlays.Panel(np.ones((2, 2)), title='a',
+                                                      pred_boxes=[(1, 2, 3, 4)])])
+  [edge] = grid.axes[0].patches
+  assert edge.get_edgecolor()[:3] == (0.0, 0.0, 0.0)

@@ -245,3 +245,37 @@ def test_train_init_from_imported_checkpoint(tmp_path):
   np.testing.assert_array_equal(state.batch_stats['stem']['bn']['mean'],
                                 imported['batch_stats']['stem']['bn']['mean'])
   np.testing.assert_array_equal(state.params['head']['kernel'], head0)
+
+
+def test_init_from_plain_resnet_into_se_and_space_attention(tmp_path):
+  """Paper 001's recipe: an ImageNet ResNet (no SE, `fc` head) initialises the multi-attention
+  model; SE gates (config.init_from.fresh) and the new head keep their initialisation."""
+  import jax.numpy as jnp
+
+  from cxr_jax import optim, parallel, train
+  from cxr_jax.config_lib import base_config
+  from cxr_jax.models.resnet import ResNet18
+
+  source = ResNet18(num_classes=10, width=8)
+  imported = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+  pretrained.save_checkpoint(tmp_path / 'imported', source, imported,
+                             {'model_config': {'num_classes': 10, 'width': 8}, 'head_paths': []})
+  model = ResNet18(num_classes=14, width=8, se_reduction=4, head='space_attention',
+                   bn_axis_name=parallel.DATA_AXIS)
+  tx = optim.build_optimizer(base_config().optimizer, 1)
+  state = train.create_train_state(model, tx, (32, 32, 3), jax.random.key(0),
+                                   parallel.make_mesh())
+  se0 = np.asarray(state.params['layer1_0']['se']['fc1']['kernel'])
+  with pytest.raises(ValueError, match='missing'):
+    train.init_from_checkpoint(state, model, str(tmp_path / 'imported'), in_channels=3)
+  with pytest.raises(ValueError, match='init_from.fresh'):
+    train.init_from_checkpoint(state, model, str(tmp_path / 'imported'), in_channels=3,
+                               fresh=('params/*/squeeze/*',))
+  state = train.init_from_checkpoint(state, model, str(tmp_path / 'imported'), in_channels=3,
+                                     fresh=('params/*/se/*',))
+  np.testing.assert_array_equal(state.params['layer4_1']['conv2']['kernel'],
+                                imported['params']['layer4_1']['conv2']['kernel'])
+  np.testing.assert_array_equal(state.batch_stats['stem_bn']['var'],
+                                imported['batch_stats']['stem_bn']['var'])
+  np.testing.assert_array_equal(state.params['layer1_0']['se']['fc1']['kernel'], se0)
+  assert state.params['space_attention']['classifier']['kernel'].shape == (128, 14)  # [2 x 64, K]

@@ -93,3 +93,11 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
   config.data.name = 'nih_chest_xray14/patient13-224'
   with pytest.raises(FileNotFoundError, match='nih_chest_xray14'):
     stages.run(config, tmp_path / 'run', only=['train_classifier'])
+
+
+def test_missing_imported_weights_is_a_clear_error(phantom_data_dir, tmp_path):
+  config = tiny_config(phantom_data_dir)
+  config.init_from.checkpoint = str(tmp_path / 'weights' / 'torchvision_resnet101')
+  with pytest.raises(FileNotFoundError, match='config.init_from.checkpoint=.*import_weights'):
+    train.train_and_evaluate(config, epath.Path(tmp_path / 'run' / 'train_classifier'))
+  assert not (tmp_path / 'run' / 'train_classifier' / 'checkpoints').exists()

@@ -7,4 +7,7 @@ modules know nothing about the backbone or the data.
 
 - `lstm_attention.LSTMAttention`: the recurrent soft attention of paper 000 (Saednia et al.),
   after Show, Attend and Tell (Xu et al. 2015) and the class-feedback of Ba et al. 2014.
+- `squeeze_excite.SqueezeExcite`: paper 001's feature attention (SE in every ResNet block).
+- `space_attention.SpaceAttentionHead`: paper 001's space attention (global vector tiled and
+  concatenated to the local features; 1 x 1 classifier; class score maps as heat maps).
 """

@@ -22,12 +22,20 @@ Order and determinism (training):
 Evaluation pads the last batch (mask 0) and appends all-padding batches until every host yields
 the same number of batches, so no example is dropped or counted twice.
 
+Extra copies (paper 001's hard-example set C = A + B): `config.data.extra_copies` names a JSON
+file mapping image ids of the train split to a number of extra copies ({'copies': {id: k}}, as
+the `mine_hard_examples` stage writes); each such example then appears 1 + k times per epoch.
+The copies enter before shuffling, so they are spread over the epoch as far as the shuffle
+buffer reaches (set shuffle_buffer >= the split size for a uniform spread).
+
 Config fields read from `config.data` (ConfigDict or dict), with defaults:
   name (required, e.g. 'cxr_phantom/64'), data_dir=None (TFDS default), train_split='train',
   classes=NIH_CLASSES, drop_no_finding=False, pp_train='', pp_eval='', shuffle_buffer=10_000,
-  cache=False, prefetch=2. (eval_splits is read by the caller, which passes one split here.)
+  cache=False, prefetch=2, extra_copies=''. (eval_splits is read by the caller, which passes
+  one split here.)
 """
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 from cxr_jax.data import builder_names, ops
 from cxr_jax.data.labels import NIH_CLASSES, class_indices
@@ -120,35 +129,77 @@ def _host_split(split: str) -> Any:
   return tfds.even_splits(split, n=jax.process_count())[jax.process_index()]
 
 
+def load_extra_copies(path: str) -> dict[str, int]:
+  """{image_id: extra copies >= 0} from `config.data.extra_copies` (see module doc)."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'config.data.extra_copies={path!r}: file not found (the '
+                            '`mine_hard_examples` stage writes it).')
+  try:
+    raw = json.loads(p.read_text())
+    copies = raw['copies'] if isinstance(raw, dict) and 'copies' in raw else raw
+    out = {str(k): int(v) for k, v in copies.items()}
+  except (ValueError, TypeError, AttributeError) as e:
+    raise ValueError(f'{path}: expected JSON {{"copies": {{image_id: extra copies}}}}: {e}'
+                     ) from None
+  bad = [k for k, v in out.items() if v < 0]
+  if bad:
+    raise ValueError(f'{path}: negative copy counts for {bad[:5]}')
+  return out
+
+
 def _read(
-  builder: tfds.core.DatasetBuilder, split: str, data_cfg: Any, keys: tuple[str, ...]
+  builder: tfds.core.DatasetBuilder, split: str, data_cfg: Any, keys: tuple[str, ...],
+  copies: dict[str, int] | None = None,
 ) -> tuple[tf.data.Dataset, int]:
   """This host's filtered examples (images still encoded) and how many there are.
 
   Returns elements {key: tensor for key in keys} with 'labels' float32 [K] gathered to
-  config.data.classes, and the element count from a pass that decodes no image.
+  config.data.classes, each repeated 1 + copies[image_id] times if `copies`, and the element
+  count from a pass that decodes no image.
   """
   host_split = _host_split(split)
   features = builder.info.features
   decoders = {k: tfds.decode.SkipDecoding() for k in ENCODED_KEYS if k in features}
   ds = builder.as_dataset(split=host_split, decoders=decoders, shuffle_files=False)
   idx = tf.constant(class_indices(tuple(_get(data_cfg, 'classes', NIH_CLASSES))), tf.int32)
+  read_keys = tuple(keys) + (('image_id',) if copies and 'image_id' not in keys else ())
   # Select early so unused features (masks, boxes) are not carried through the pipeline.
   ds = ds.map(
-    lambda f: {k: tf.gather(f[k], idx) if k == 'labels' else f[k] for k in keys},
+    lambda f: {k: tf.gather(f[k], idx) if k == 'labels' else f[k] for k in read_keys},
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   drop = bool(_get(data_cfg, 'drop_no_finding', False))
   if drop:
     # All selected labels zero: 'No Finding' or only findings outside the selected classes.
     ds = ds.filter(lambda f: tf.reduce_any(f['labels'] > 0))
+  if copies:
+    ds = _repeat_copies(ds, copies, keys, split)
   if _get(data_cfg, 'cache', False):
     ds = ds.cache()  # Caches encoded bytes, which is what a re-read would cost.
-  if drop:
+  if drop or copies:
     n = int(ds.map(lambda f: f['labels']).reduce(np.int64(0), lambda c, _: c + 1))
   else:
     n = builder.info.splits[host_split].num_examples
   return ds, n
+
+
+def _repeat_copies(ds: tf.data.Dataset, copies: dict[str, int], keys: tuple[str, ...],
+                   split: str) -> tf.data.Dataset:
+  """Each element 1 + copies[image_id] times (in place, before shuffling); checks the ids."""
+  ids = list(copies)
+  table = tf.lookup.StaticHashTable(
+    tf.lookup.KeyValueTensorInitializer(tf.constant(ids, tf.string),
+                                        tf.constant([copies[i] for i in ids], tf.int64)),
+    default_value=np.int64(-1))
+  if jax.process_count() == 1:
+    found = int(ds.map(lambda f: tf.cast(table.lookup(f['image_id']) >= 0, tf.int64)).reduce(
+      np.int64(0), lambda c, x: c + x))
+    if found != len(ids):
+      raise ValueError(f'config.data.extra_copies: {len(ids) - found} of {len(ids)} image ids '
+                       f'are not in the (filtered) split {split!r}.')
+  return ds.flat_map(lambda f: tf.data.Dataset.from_tensors(
+    {k: f[k] for k in keys}).repeat(1 + tf.maximum(table.lookup(f['image_id']), 0)))
 
 
 def _decode(
@@ -200,7 +251,9 @@ def make_train_iter(
     raise ValueError(f'start_step must be >= 0, got {start_step}')
   builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
   split = _get(data_cfg, 'train_split', 'train')
-  base, n = _read(builder, split, data_cfg, ('image', 'labels'))
+  extra = _get(data_cfg, 'extra_copies', '')
+  copies = load_extra_copies(extra) if extra else None
+  base, n = _read(builder, split, data_cfg, ('image', 'labels'), copies)
   if n == 0:
     raise ValueError(
       f'No training examples in {_name(data_cfg)!r} split {split!r} after filtering.'
@@ -322,3 +375,43 @@ def make_eval_iter(data_cfg: Any, split: str, *, global_batch_size: int) -> Eval
   ds = ds.batch(batch).prefetch(int(_get(data_cfg, 'prefetch', 2))).with_options(_options())
   num_batches = _max_over_hosts(math.ceil(n / batch))
   return EvalInput(ds, num_examples=n, num_batches=num_batches, batch_size=batch)
+
+
+def iterate_box_split(data_cfg: Any, split: str, pp: str, *, limit: int | None = None
+                      ) -> Iterator[dict[str, Any]]:
+  """Examples of a split with boxes (e.g. 'bbox'), one at a time, for localisation.
+
+  Applies `pp` to the image and the boxes together (crops and translations move the boxes).
+  Yields {'image_id': str, 'image': float32 [H, W, C], 'labels': float32 [K] (config.data
+  .classes), 'boxes': float32 [M, 4] normalised (ymin, xmin, ymax, xmax) in the preprocessed
+  frame, 'box_classes': list of M class names}.
+  """
+  _hide_gpus_from_tf()
+  builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
+  if 'objects' not in builder.info.features:
+    raise ValueError(f'{_name(data_cfg)!r} has no boxes (feature "objects").')
+  if split not in builder.info.splits:
+    raise ValueError(f'config.localize.split={split!r}: {_name(data_cfg)!r} has the splits '
+                     f'{sorted(builder.info.splits)}.')
+  names = builder.info.features['objects']['label'].names
+  idx = tf.constant(class_indices(tuple(_get(data_cfg, 'classes', NIH_CLASSES))), tf.int32)
+  preprocess = ops.get_preprocess_fn(pp)
+  root = tf.constant([0, 0], tf.int64)
+
+  def fn(index: tf.Tensor, f: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    features = {'image': f['image'], 'labels': tf.gather(f['labels'], idx),
+                'image_id': f['image_id'],
+                'objects': {'bbox': f['objects']['bbox'], 'label': f['objects']['label']},
+                ops.SEED_KEY: tf.random.experimental.stateless_fold_in(root, index)}
+    out = preprocess(features)
+    return {'image': tf.cast(out['image'], tf.float32), 'labels': out['labels'],
+            'image_id': out['image_id'], 'boxes': out['objects']['bbox'],
+            'box_labels': out['objects']['label']}
+
+  ds = builder.as_dataset(split=split if limit is None else f'{split}[:{limit}]',
+                          shuffle_files=False)
+  ds = ds.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE).prefetch(4)
+  for ex in ds.with_options(_options()).as_numpy_iterator():
+    yield {'image_id': ex['image_id'].decode('utf-8'), 'image': ex['image'],
+           'labels': ex['labels'].astype(np.float32), 'boxes': ex['boxes'].astype(np.float32),
+           'box_classes': [names[int(c)] for c in ex['box_labels']]}

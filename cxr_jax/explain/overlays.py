@@ -1,9 +1,10 @@
 """Heat maps over the X-ray, drawn as in paper 000's Fig. 2/3.
 
 The grey X-ray, a jet colour map with transparency over it, a colour bar ("contribution to the
-decision"), the findings the network detected written on top, and the experts' boxes in red
-when they are known; one panel per class (`overlay_heatmap`) or a grid of panels for several
-classes or both models (`overlay_grid`).
+decision"), the findings the network detected written on top, the experts' boxes in red
+when they are known and the boxes predicted from the heat map in black (paper 002's Fig. 6);
+one panel per class (`overlay_heatmap`) or a grid of panels for several classes or both models
+(`overlay_grid`).
 
 Heat maps of another size than the image (feature-level PDA [h, w], attention [h, w]) are
 upsampled bilinearly with pixel centres aligned (each heat-map cell covers a block of the
@@ -40,10 +41,11 @@ class Panel:
   heat: np.ndarray  # [h, w]
   title: str = ''
   findings: Sequence[Finding] | None = None
-  boxes: Sequence[Box] = ()
+  boxes: Sequence[Box] = ()  # ground truth, red
   image: np.ndarray | None = None  # [H, W] in [0, 1]
   value_range: tuple[float, float] | None = None
   colorbar_label: str = COLORBAR_LABEL
+  pred_boxes: Sequence[Box] = ()  # predicted from the heat map, black
 
 
 def upsample(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -91,8 +93,12 @@ def draw_panel(fig: Figure, ax, image: np.ndarray, heat: np.ndarray, *, title: s
                findings: Sequence[Finding] | None = None, boxes: Sequence[Box] = (),
                colorbar: bool = True, alpha: float = 0.45,
                vrange: tuple[float, float] | None = None,
-               colorbar_label: str = COLORBAR_LABEL) -> None:
-  """Draws image [H, W] in [0, 1] with heat [h, w] over it on `ax` (see module doc)."""
+               colorbar_label: str = COLORBAR_LABEL,
+               pred_boxes: Sequence[Box] = ()) -> None:
+  """Draws image [H, W] in [0, 1] with heat [h, w] over it on `ax` (see module doc).
+
+  boxes (ground truth, red) and pred_boxes (black) are (x, y, w, h) in image pixels.
+  """
   image = np.asarray(image, np.float32)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
@@ -103,9 +109,10 @@ def draw_panel(fig: Figure, ax, image: np.ndarray, heat: np.ndarray, *, title: s
   ax.imshow(image, cmap='gray', vmin=0.0, vmax=1.0, interpolation='antialiased')
   mappable = ax.imshow(up, cmap='jet', alpha=alpha, vmin=lo, vmax=hi,
                        interpolation='antialiased')
-  for box in boxes:
-    x, y, w, h = (float(v) for v in box[:4])
-    ax.add_patch(patches.Rectangle((x, y), w, h, fill=False, edgecolor='red', linewidth=2))
+  for box_list, color in ((boxes, 'red'), (pred_boxes, 'black')):
+    for box in box_list:
+      x, y, w, h = (float(v) for v in box[:4])
+      ax.add_patch(patches.Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=2))
   text = findings_text(findings)
   if text:
     ax.text(0.5, 0.985, text, transform=ax.transAxes, ha='center', va='top', fontsize=8,
@@ -127,17 +134,19 @@ def overlay_heatmap(image: np.ndarray, heat: np.ndarray, *, title: str = '',
                     colorbar: bool = True, out_path: str | os.PathLike | None = None,
                     alpha: float = 0.45, vrange: tuple[float, float] | None = None,
                     colorbar_label: str = COLORBAR_LABEL, size_inches: float = 5.0,
-                    dpi: int = 120) -> Figure:
+                    dpi: int = 120, pred_boxes: Sequence[Box] = ()) -> Figure:
   """One heat map over one X-ray; writes a PNG to `out_path` (atomically) when given.
 
   image: [H, W] grey in [0, 1]; heat: [h, w] (upsampled to [H, W]); findings: the detected
   classes as (name, probability), written on top (None: no text); boxes: (x, y, w, h) in
-  image pixels, drawn in red; vrange: colour range (default: see `value_range`).
+  image pixels, drawn in red; pred_boxes: boxes predicted from the heat map, the same frame,
+  drawn in black; vrange: colour range (default: see `value_range`).
   """
   fig = _figure(1, 1, image.shape, size_inches, dpi, colorbar)
   ax = fig.add_subplot(1, 1, 1)
   draw_panel(fig, ax, image, heat, title=title, findings=findings, boxes=boxes,
-             colorbar=colorbar, alpha=alpha, vrange=vrange, colorbar_label=colorbar_label)
+             colorbar=colorbar, alpha=alpha, vrange=vrange, colorbar_label=colorbar_label,
+             pred_boxes=pred_boxes)
   if out_path is not None:
     save_png(fig, out_path)
   return fig
@@ -167,7 +176,7 @@ def overlay_grid(image: np.ndarray | None, panels: Sequence[Panel], *, ncols: in
     ax = fig.add_subplot(nrows, ncols, i + 1)
     draw_panel(fig, ax, im, panel.heat, title=panel.title, findings=panel.findings,
                boxes=panel.boxes, alpha=alpha, vrange=panel.value_range or common,
-               colorbar_label=panel.colorbar_label)
+               colorbar_label=panel.colorbar_label, pred_boxes=panel.pred_boxes)
   if suptitle:
     fig.suptitle(suptitle, fontsize=11)
   if out_path is not None:

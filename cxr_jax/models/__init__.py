@@ -4,6 +4,8 @@ A config names its model (`config.model.name`) and passes the rest of `config.mo
 arguments; `build_model` adds the number of classes and the compute dtype.
 """
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -36,6 +38,17 @@ def build_model(model_cfg: ml_collections.ConfigDict, *, num_classes: int,
                **kwargs)
   except TypeError as e:
     raise ValueError(f'config.model: bad arguments for model {name!r}: {e}') from None
+
+
+def model_function(model: nn.Module, name: str) -> Callable[..., Any] | None:
+  """`name` ('head_fn', 'score_map_fn') of the module that defines `model`'s class, or None.
+
+  Each model module may define `head_fn(model, variables)`: features [N, h, w, C] -> logits
+  [N, K] (what feature-level PDA and Grad-CAM re-evaluate) and `score_map_fn(model, variables)`:
+  features -> class score maps [N, h, w, K] whose spatial mean is the logits (CAM).
+  """
+  module = sys.modules[type(model).__module__]
+  return getattr(module, name, None)
 
 
 # Importing the modules registers their models.

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxr_jax.models import MODELS
-from cxr_jax.models.heads import gap_dense_head_fn
+from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
 from cxr_jax.models.resnet import batch_norm, convert_torchvision
 
 # (growth rate, block config, stem channels) of torchvision's DenseNets.
@@ -157,6 +157,11 @@ def head_fn(model: DenseNet, variables: dict) -> Callable[[jax.Array], jax.Array
   """The classifier head alone: features [N, h, w, C] -> logits [N, K] (GAP + `classifier`), what
   feature-level explanations (PDA, CAM) re-evaluate."""
   return gap_dense_head_fn(model.dtype, variables, 'classifier')
+
+
+def score_map_fn(model: DenseNet, variables: dict) -> Callable[[jax.Array], jax.Array]:
+  """features [N, h, w, C] -> class score maps [N, h, w, K] (CAM + bias; mean = logits)."""
+  return gap_dense_score_map_fn(model.dtype, variables, 'classifier')
 
 
 # One subclass per depth, registered by name (`build_model(name='densenet121')`).

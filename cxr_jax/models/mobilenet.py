@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from cxr_jax.models import MODELS
 from cxr_jax.models.depthwise import DepthwiseConv
-from cxr_jax.models.heads import gap_dense_head_fn
+from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
 
 # (output channels, stride) of the 13 depthwise separable blocks, Table 1 of Howard et al.
 MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
@@ -129,3 +129,8 @@ def head_fn(model: MobileNetV1, variables: dict) -> Callable[[jax.Array], jax.Ar
   """The classifier head alone: features [N, h, w, C] -> logits [N, K] (GAP + `head`), what
   feature-level explanations (PDA, CAM) re-evaluate."""
   return gap_dense_head_fn(model.dtype, variables, 'head')
+
+
+def score_map_fn(model: MobileNetV1, variables: dict) -> Callable[[jax.Array], jax.Array]:
+  """features [N, h, w, C] -> class score maps [N, h, w, K] (CAM + bias; mean = logits)."""
+  return gap_dense_score_map_fn(model.dtype, variables, 'head')

@@ -73,3 +73,6 @@ def attention_head_fn(model: MobileNetLSTMAttention,
     out = model.apply(variables, features, method=MobileNetLSTMAttention.attend)
     return out['logits'][:, -1].astype(jnp.float32)
   return fn
+
+
+head_fn = attention_head_fn  # the name `models.model_function` looks up

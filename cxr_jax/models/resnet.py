@@ -11,7 +11,13 @@ Two switches beyond torchvision:
   Basic blocks (ResNet-18/34) have no 1x1 and are unaffected.
 - `se_reduction=r > 0` adds squeeze-and-excitation (Hu et al. 2018) to every residual block:
   global average pool -> FC(C/r) -> ReLU -> FC(C) -> sigmoid -> channel-wise scale of the
-  residual branch, before the addition with the shortcut (paper 001 uses r = 16).
+  residual branch, before the addition with the shortcut (paper 001's feature attention module,
+  r = 16).
+- `head='space_attention'` replaces GAP + `fc` by paper 001's space attention head
+  (cxr_jax/attention/space_attention.py; `sam_pool` picks Fig. 4's placement of the pooling).
+- `replace_stride_with_dilation=(False, False, True)` keeps layer4 at stride 16 with dilated 3x3
+  convolutions (torchvision's option of the same name): a finer last feature map for heat maps
+  (14 x 14 at 224 px) with the same parameters.
 
 Intermediate maps sown into 'intermediates' (He et al.'s stage names): `conv1` (after the stem's
 conv/BN/ReLU, before max-pooling, [B, H/2, W/2, 64]), `conv2_x` ... `conv5_x` (outputs of
@@ -29,8 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxr_jax.attention import space_attention
+from cxr_jax.attention.squeeze_excite import SqueezeExcite
 from cxr_jax.models import MODELS
-from cxr_jax.models.heads import gap_dense_head_fn
+from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
 
 # Blocks per stage and block type, Table 1 of He et al.
 RESNET_STAGES: dict[str, tuple[tuple[int, ...], bool]] = {
@@ -43,12 +51,6 @@ RESNET_STAGES: dict[str, tuple[tuple[int, ...], bool]] = {
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu') for every convolution.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  # torchvision pads symmetrically (k // 2); 'SAME' would pad (2, 3) for a stride-2 7x7 on an
-  # even input and shift every result by a pixel relative to the reference.
-  return ((k // 2, k // 2), (k // 2, k // 2))
 
 
 def batch_norm(bn_axis_name: str | None, dtype: Any, name: str, train: bool) -> nn.BatchNorm:
@@ -64,25 +66,14 @@ def batch_norm(bn_axis_name: str | None, dtype: Any, name: str, train: bool) -> 
       use_fast_variance=False, name=name)
 
 
-def _conv(features: int, k: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-  return nn.Conv(features, (k, k), strides=stride, padding=_pad(k), use_bias=False,
-                 kernel_init=conv_init, dtype=dtype, name=name)
-
-
-class SqueezeExcite(nn.Module):
-  """Squeeze-and-excitation: x [B, H, W, C] -> x * gate, gate = sigmoid(FC(ReLU(FC(GAP(x)))))."""
-
-  reduction: int = 16
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    s = jnp.mean(x, axis=(1, 2))
-    s = nn.relu(nn.Dense(max(1, c // self.reduction), dtype=self.dtype, name='fc1')(s))
-    gate = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name='fc2')(s))
-    self.sow('intermediates', 'gate', gate)
-    return x * gate[:, None, None, :]
+# torchvision pads symmetrically (dilation * (k // 2)); 'SAME' would pad (2, 3) for a stride-2
+# 7x7 on an even input and shift every result by a pixel relative to the reference.
+def _conv(features: int, k: int, stride: int, dtype: Any, name: str, dilation: int = 1
+          ) -> nn.Conv:
+  p = dilation * (k // 2)
+  return nn.Conv(features, (k, k), strides=stride, padding=((p, p), (p, p)),
+                 kernel_dilation=dilation, use_bias=False, kernel_init=conv_init, dtype=dtype,
+                 name=name)
 
 
 class BasicBlock(nn.Module):
@@ -92,6 +83,7 @@ class BasicBlock(nn.Module):
   stride: int = 1
   se_reduction: int = 0
   stride_in_1x1: bool = False  # no 1x1 here; accepted so that both block types share a call
+  dilation: int = 1
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
 
@@ -101,9 +93,9 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     bn = lambda name: batch_norm(self.bn_axis_name, self.dtype, name, train)
     out_ch = self.features * self.expansion
-    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
+    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1', self.dilation)(x)
     y = nn.relu(bn('bn1')(y))
-    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = _conv(self.features, 3, 1, self.dtype, 'conv2', self.dilation)(y)
     y = bn('bn2')(y)
     return _finish(self, x, y, out_ch, train)
 
@@ -115,6 +107,7 @@ class Bottleneck(nn.Module):
   stride: int = 1
   se_reduction: int = 0
   stride_in_1x1: bool = False
+  dilation: int = 1
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
 
@@ -127,7 +120,7 @@ class Bottleneck(nn.Module):
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     y = _conv(self.features, 1, s1, self.dtype, 'conv1')(x)
     y = nn.relu(bn('bn1')(y))
-    y = _conv(self.features, 3, s3, self.dtype, 'conv2')(y)
+    y = _conv(self.features, 3, s3, self.dtype, 'conv2', self.dilation)(y)
     y = nn.relu(bn('bn2')(y))
     y = _conv(out_ch, 1, 1, self.dtype, 'conv3')(y)
     y = bn('bn3')(y)
@@ -156,6 +149,10 @@ class ResNet(nn.Module):
       torchvision's (stride in the 3x3).
     se_reduction: 0 = no squeeze-and-excitation; r > 0 = SE with reduction r in every block.
     width: channels of the first stage (64); later stages double it.
+    head: 'gap_dense' (GAP + `fc`) or 'space_attention' (paper 001, module `space_attention`).
+    sam_pool: the space attention head's pooling placement ('after_classifier' or
+      'before_classifier', Fig. 4 of paper 001).
+    replace_stride_with_dilation: per stage 2-4, dilate instead of striding (torchvision).
     dtype: compute dtype; parameters stay float32, logits are float32.
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
   """
@@ -166,6 +163,9 @@ class ResNet(nn.Module):
   stride_in_1x1: bool = False
   se_reduction: int = 0
   width: int = 64
+  head: str = 'gap_dense'
+  sam_pool: str = 'after_classifier'
+  replace_stride_with_dilation: Sequence[bool] = (False, False, False)
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
 
@@ -177,22 +177,37 @@ class ResNet(nn.Module):
     With `return_features`, returns (logits, features [B, H/32, W/32, 8 * width * expansion]).
     """
     block_cls = Bottleneck if self.bottleneck else BasicBlock
+    if self.head not in HEADS:
+      raise ValueError(f'ResNet head={self.head!r}; valid: {HEADS}')
+    if len(self.replace_stride_with_dilation) != 3:
+      raise ValueError('replace_stride_with_dilation needs 3 booleans (stages 2-4), got '
+                       f'{self.replace_stride_with_dilation!r}')
     x = x.astype(self.dtype)
     x = _conv(self.width, 7, 2, self.dtype, 'stem_conv')(x)
     x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'stem_bn', train)(x))
     self.sow('intermediates', 'conv1', x)
     # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    dilation = 1
     for i, n_blocks in enumerate(self.stage_sizes):
+      stride, previous = (2 if i > 0 else 1), dilation
+      if i > 0 and self.replace_stride_with_dilation[i - 1]:
+        stride, dilation = 1, dilation * 2
       for j in range(n_blocks):
+        # As torchvision: a dilated stage's first block keeps the previous dilation.
         x = block_cls(
-            self.width * 2**i, stride=2 if i > 0 and j == 0 else 1,
+            self.width * 2**i, stride=stride if j == 0 else 1,
             se_reduction=self.se_reduction, stride_in_1x1=self.stride_in_1x1,
+            dilation=previous if j == 0 else dilation,
             bn_axis_name=self.bn_axis_name, dtype=self.dtype, name=f'layer{i + 1}_{j}',
         )(x, train=train)
       self.sow('intermediates', f'conv{i + 2}_x', x)
     self.sow('intermediates', 'features', x)
     features = x
+    if self.head == 'space_attention':
+      logits = space_attention.SpaceAttentionHead(
+          self.num_classes, pool=self.sam_pool, dtype=self.dtype, name='space_attention')(x)
+      return (logits, features) if return_features else logits
     x = jnp.mean(x, axis=(1, 2))
     self.sow('intermediates', 'pooled', x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
@@ -200,10 +215,37 @@ class ResNet(nn.Module):
     return (logits, features) if return_features else logits
 
 
+HEADS = ('gap_dense', 'space_attention')
+
+
 def head_fn(model: ResNet, variables: dict) -> Callable[[jax.Array], jax.Array]:
-  """The classifier head alone: features [N, h, w, C] -> logits [N, K] (GAP + `fc`), what
-  feature-level explanations (PDA, CAM) re-evaluate."""
+  """The classifier head alone: features [N, h, w, C] -> logits [N, K] (GAP + `fc`, or the
+  space attention head), what feature-level explanations (PDA, Grad-CAM) re-evaluate."""
+  if model.head == 'space_attention':
+    return _space_attention_fn(model, variables, score_map=False)
   return gap_dense_head_fn(model.dtype, variables, 'fc')
+
+
+def score_map_fn(model: ResNet, variables: dict) -> Callable[[jax.Array], jax.Array]:
+  """features [N, h, w, C] -> class score maps [N, h, w, K] whose spatial mean is the logits:
+  CAM (+ bias) for GAP + `fc`, the space attention head's class score map otherwise."""
+  if model.head == 'space_attention':
+    return _space_attention_fn(model, variables, score_map=True)
+  return gap_dense_score_map_fn(model.dtype, variables, 'fc')
+
+
+def _space_attention_fn(model: ResNet, variables: dict, *, score_map: bool
+                        ) -> Callable[[jax.Array], jax.Array]:
+  kernel, bias = space_attention.head_params(variables, ('space_attention',))
+  dtype = model.dtype
+
+  def fn(features: jax.Array) -> jax.Array:
+    scores = space_attention.class_score_map(features.astype(dtype), kernel.astype(dtype),
+                                             bias.astype(dtype))
+    out = scores if score_map else jnp.mean(scores, axis=(1, 2))
+    return out.astype(jnp.promote_types(dtype, jnp.float32))
+
+  return fn
 
 
 # One subclass per depth, registered by name, so that `build_model(name='resnet50')` works and
