@@ -1,7 +1,7 @@
 r"""Predict (and explain) on a user's own X-rays with a trained run.
 
   python -m cxr_jax.predict --workdir=RUN [--output=DIR] IMAGE_OR_FOLDER \
-      [--explain=auto|attention|pda|none] [--stage=STAGE] [--boxes=BBOX.csv]
+      [--explain=auto|attention|pda|cam|grad_cam|none] [--stage=STAGE] [--boxes=BBOX.csv]
 
 IMAGE_OR_FOLDER is one PNG/JPEG (8/16-bit) or DICOM file, or a folder searched recursively for
 .png/.jpg/.jpeg/.dcm/.dicom files. For each image, under DIR (default RUN/predictions/, the
@@ -15,12 +15,17 @@ folder's sub-folders mirrored):
   the detected classes (or the most probable one when none is detected; --classes to choose)
   over the X-ray, as paper 000's Fig. 2. Its sampler is fitted on reference feature maps: the
   images of --pda_reference (a folder) or else the run's training split.
+- `<name>.cam.png` / `<name>.grad_cam.png` (--explain=cam|grad_cam): class activation maps of
+  the same classes (CAM: linear heads, and paper 001's space attention class score map;
+  Grad-CAM: any model) with the boxes they give in black (the run's config.localize.boxes
+  settings, cxr_jax/explain/boxes.py); the JSON lists those boxes in image pixels.
 --explain=auto (default) is 'attention' for attention models and 'none' otherwise. With
 --boxes (NIH BBox_List format: image name, finding label, x, y, w, h in pixels of a
 --boxes_size-pixel image), the experts' boxes are drawn in red on the matching panels.
 
 The model is the best checkpoint of --stage (default: the last training stage present in RUN:
-train_attention, else train_classifier, else train), rebuilt from RUN/<stage>/model.json alone.
+train_attention, else train_hard_examples, else train_classifier, else train), rebuilt from
+RUN/<stage>/model.json alone.
 The image is resized to the model's input size (as the NIH PNGs were squeezed to 1024x1024,
 aspect ratio not kept), quantised to 8 bits as the training PNGs are, and run through the
 stage's eval preprocessing (model.json's pp_eval).
@@ -49,8 +54,8 @@ from cxr_jax.io_utils import atomic_write_json
 from cxr_jax.metrics import check_thresholds
 
 # Later stages first: the default is the most refined model the run has.
-TRAIN_STAGES = ('train_attention', 'train_classifier', 'train')
-EXPLAIN_MODES = ('auto', 'attention', 'pda', 'none')
+TRAIN_STAGES = ('train_attention', 'train_hard_examples', 'train_classifier', 'train')
+EXPLAIN_MODES = ('auto', 'attention', 'pda', 'cam', 'grad_cam', 'none')
 NIH_BOX_NAMES = {'Infiltrate': 'Infiltration'}
 
 
@@ -395,14 +400,27 @@ def predict_image(predictor: Predictor, path: str, out_base: str, *, explain: st
     overlays.overlay_grid(image, panels, ncols=len(panels), out_path=out,
                           suptitle=f'{os.path.basename(path)}: {predictor.stage}')
     record['overlays'].append(os.path.abspath(out))
+  elif explain in ('cam', 'grad_cam'):
+    chosen = _chosen_classes(classes, findings, names, probs)
+    record['boxes'] = {}
+    panels = []
+    for c, heat, found in class_activation_boxes(predictor, inter, explain, chosen, (h, w)):
+      record['boxes'][c] = [list(b) for b in found]
+      panels.append(overlays.Panel(
+          heat, title=f'{c} (p={probs[names.index(c)]:.2f})', findings=findings,
+          boxes=[b for bc, b in pixel_boxes if bc == c], pred_boxes=found,
+          value_range=(float(heat.min()), float(heat.max())),
+          colorbar_label=f'{explain.replace("_", "-").upper()} (class score)'))
+    out = f'{out_base}.{explain}.png'
+    overlays.overlay_grid(image, panels, ncols=min(4, len(panels)), out_path=out,
+                          suptitle=f'{os.path.basename(path)}: {explain}, {predictor.stage}; '
+                          'black = boxes from the heat map')
+    record['overlays'].append(os.path.abspath(out))
   elif explain == 'pda':
     sampler, settings = pda
     key = jax.random.fold_in(jax.random.key(settings.seed), 0)
     relevance = pda_heatmaps(predictor, predictor.preprocess(image), sampler, settings, key)
-    chosen = list(classes) or [n for n, _ in findings] or [names[int(np.argmax(probs))]]
-    unknown = [c for c in chosen if c not in names]
-    if unknown:
-      raise UsageError(f'--classes: {unknown} not among the model\'s classes {list(names)}.')
+    chosen = _chosen_classes(classes, findings, names, probs)
     panels = [overlays.Panel(relevance[names.index(c)],
                              title=f'{c} (p={probs[names.index(c)]:.2f})', findings=findings,
                              boxes=[b for bc, b in pixel_boxes if bc == c],
@@ -414,6 +432,38 @@ def predict_image(predictor: Predictor, path: str, out_base: str, *, explain: st
     record['overlays'].append(os.path.abspath(out))
   atomic_write_json(f'{out_base}.json', record)
   return record
+
+
+def _chosen_classes(classes: Sequence[str], findings: Sequence[tuple[str, float]],
+                    names: Sequence[str], probs: np.ndarray) -> list[str]:
+  """--classes, else the findings, else the most probable class."""
+  chosen = list(classes) or [n for n, _ in findings] or [names[int(np.argmax(probs))]]
+  unknown = [c for c in chosen if c not in names]
+  if unknown:
+    raise UsageError(f'--classes: {unknown} not among the model\'s classes {list(names)}.')
+  return chosen
+
+
+def class_activation_boxes(predictor: Predictor, inter: dict[str, Any], method: str,
+                           chosen: Sequence[str], image_hw: tuple[int, int]
+                           ) -> list[tuple[str, np.ndarray, list[tuple[float, ...]]]]:
+  """(class, heat map [H', W'] at the model input, boxes in image pixels) per chosen class."""
+  from cxr_jax.explain import boxes as boxes_lib
+  from cxr_jax.explain import cam
+  features = predictor.features(inter)[None]
+  head = predictor.head_fn() if method == 'grad_cam' else None
+  score_map = predictor.score_map_fn() if method == 'cam' else None
+  maps = np.asarray(cam.class_maps(method, features, head_fn=head, score_map_fn=score_map))[0]
+  settings = boxes_lib.BoxSettings.from_config(
+      _run_config(predictor).get('localize', {}).get('boxes'))
+  hh, ww = predictor.image_shape[:2]
+  out = []
+  for c in chosen:
+    heat = overlays.upsample(maps[..., predictor.class_names.index(c)], (hh, ww))
+    found = boxes_lib.scale_boxes(boxes_lib.heatmap_to_boxes(heat, settings),
+                                  image_hw[1] / ww, image_hw[0] / hh)
+    out.append((c, heat, found))
+  return out
 
 
 def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:

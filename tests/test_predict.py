@@ -198,3 +198,21 @@ def test_attention_overlay(tmp_path):
   np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, rtol=1e-5)
   assert record['overlays'] == [str(tmp_path / 'o' / 'x.png.attention.png')]
   assert Image.open(record['overlays'][0]).format == 'PNG'
+
+
+@pytest.mark.parametrize('method', ['cam', 'grad_cam'])
+def test_cli_cam_heat_maps_and_boxes_in_image_pixels(run_dir, tmp_path, method):
+  folder = tmp_path / 'in'
+  _images(folder, with_bad=False)
+  out = tmp_path / 'out'
+  assert _cli([f'--workdir={run_dir}', f'--output={out}', f'--explain={method}',
+               '--classes=Cardiomegaly,Nodule', str(folder / 'a.png')]) == 0
+  record = json.loads((out / 'a.png.json').read_text())
+  assert set(record['boxes']) == {'Cardiomegaly', 'Nodule'}
+  for found in record['boxes'].values():
+    assert len(found) == 1  # mode 'largest'
+    x, y, w, h = found[0]
+    # a.png is 70 wide, 80 high: boxes come back in its pixels, not the model's 64 x 64.
+    assert 0 <= x and 0 <= y and x + w <= 70 + 1e-6 and y + h <= 80 + 1e-6 and w > 0 and h > 0
+  assert record['overlays'] == [str(out / f'a.png.{method}.png')]
+  assert (out / f'a.png.{method}.png').stat().st_size > 1000
