@@ -30,18 +30,8 @@ import ml_collections
 from cxr_jax import config_lib
 
 
-def _baseline():
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).with_name('mobilenet_baseline.py')
-  spec = importlib.util.spec_from_file_location('mobilenet_baseline', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  baseline = _baseline()
+  baseline = config_lib.load_sibling(__file__, 'mobilenet_baseline.py')
   config = baseline.get_config()
   config.name = 'lstm_attention'
   config.stages = ('train_classifier', 'train_attention', 'evaluate', 'explain', 'report')

@@ -4,6 +4,10 @@ Method configs (`configs/*.py`) call `base_config()` and override; `validate` tu
 name or value into one clear error naming the `config.` key before any work is done.
 """
 
+import importlib.util
+import pathlib
+from typing import Any
+
 import ml_collections
 
 from cxr_jax.data.labels import NIH_CLASSES
@@ -103,6 +107,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.best_metric = 'mean_auroc'
   c.threshold = 0.5
   return c
+
+
+def load_sibling(config_file: str, name: str) -> Any:
+  """The module `name` ('_common.py') next to `config_file` (a config's `__file__`).
+
+  Config files are loaded by path (`--config=configs/x.py`), not as a package, so the parts
+  several configs share are loaded the same way.
+  """
+  path = pathlib.Path(config_file).with_name(name)
+  spec = importlib.util.spec_from_file_location(f'cxr_jax_configs_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:

@@ -119,3 +119,14 @@ def test_plateau_scale_with_frozen_parameters():
   state = optim.set_plateau_scale(tx.init(p), 0.5)
   updates, _ = tx.update({'a': jnp.ones(()), 'b': jnp.ones(())}, state, p)
   assert float(updates['a']) == 0.0 and float(updates['b']) == -0.5
+
+
+def test_step_schedule_in_epochs():
+  # Paper 001: lr / 10 after 20 epochs; here 2 epochs of 10.5 steps -> boundary at step 21.
+  sched = optim.SCHEDULES.get('step')(0.01, 100, boundary_epochs=(2.0,), steps_per_epoch=10.5)
+  assert float(sched(20)) == pytest.approx(0.01) and float(sched(21)) == pytest.approx(0.001)
+  both = optim.SCHEDULES.get('step')(1.0, 100, boundaries=(5,), boundary_epochs=(1.0,),
+                                     steps_per_epoch=10)
+  assert [float(both(s)) for s in (4, 5, 9, 10)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+  with pytest.raises(ValueError, match='steps per epoch'):
+    optim.SCHEDULES.get('step')(0.01, 100, boundary_epochs=(2.0,))

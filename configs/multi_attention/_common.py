@@ -3,6 +3,14 @@ r"""Paper 001 (Ma et al., Multi-Attention Network): what every column of Table 1
 Not a config itself: bsl.py, bsl_fam.py, bsl_fam_sam.py and ma.py each call `get_config` here
 with their modules switched on, so the four runs differ only in the attention modules.
 
+Run the four columns and put them side by side (Table 1 format, + localisation tables):
+  for c in bsl bsl_fam bsl_fam_sam ma; do
+    python -m cxr_jax.main --config=configs/multi_attention/$c.py --workdir=workdir/ma_$c
+  done
+  python -m cxr_jax.report \
+    --workdirs=workdir/ma_bsl,workdir/ma_bsl_fam,workdir/ma_bsl_fam_sam,workdir/ma_ma
+(`:demo` after each config path: the same on synthetic data on a CPU, see `apply_demo`.)
+
 Recipe (section 4.1): ImageNet-initialised ResNet-101, NIH ChestX-ray14 with the official
 patient-level train_val/test lists (10% of train_val patients as validation), 14 classes;
 images downscaled to 256 x 256, random translation of -12..12 px, 224 x 224 crop, ImageNet mean
