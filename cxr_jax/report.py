@@ -90,8 +90,10 @@ class Column:
 
   @property
   def classes(self) -> list[str]:
-    """The run's class names, in its column order (compute_metrics keeps it in 'auroc')."""
-    return list(self.metrics['auroc'])
+    """The run's class names in its column order: 'class_names' (the metrics JSON files are
+    written with sorted keys, so the 'auroc' dict's order is alphabetical)."""
+    names = self.metrics.get('class_names')
+    return list(names) if isinstance(names, list) else list(self.metrics['auroc'])
 
 
 # ------------------------------------------------------------------------------ loading
