@@ -11,6 +11,13 @@ from cxr_jax.explain import cam
 from cxr_jax.models import build_model, model_function, resnet
 
 
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+  """Exact float32 matmuls: GPUs default to TF32 (~1e-3), the tolerances here are float32's."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
 def test_fuse_global_local_by_hand():
   f = jnp.arange(2 * 2 * 2 * 3, dtype=jnp.float32).reshape(2, 2, 2, 3)
   fused = space_attention.fuse_global_local(f)

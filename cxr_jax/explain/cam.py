@@ -7,7 +7,7 @@
   class score map (the heat map "from the model without the last average pooling").
 - Grad-CAM (Selvaraju et al. 2017): for any differentiable head,
   alpha_ck = mean_ij d y_k / d f_c(i, j), M_k = ReLU(sum_c alpha_ck f_c). One backward pass per
-  class, vectorised: the head's VJP is `vmap`ped over the K one-hot cotangents.
+  class, all in one compiled program (the head's VJP mapped over the K one-hot cotangents).
 
 Both take the feature map [N, h, w, C] and return maps [N, h, w, K] at the feature map's
 resolution; `overlays.upsample` brings a map to the image.
@@ -27,18 +27,28 @@ def cam(score_map_fn: FeatureFn, features: jax.Array) -> jax.Array:
   return score_map_fn(features).astype(jnp.float32)
 
 
-def grad_cam(head_fn: FeatureFn, features: jax.Array) -> jax.Array:
+def grad_cam(head_fn: FeatureFn, features: jax.Array, class_batch: int = 1) -> jax.Array:
   """features [N, h, w, C] -> Grad-CAM maps [N, h, w, K] (float32, >= 0) of every class.
 
   `head_fn` maps features [N, h, w, C] -> logits [N, K] and must treat images independently
-  (eval mode), so one cotangent per class gives every image's gradient at once.
+  (eval mode), so one cotangent per class gives every image's gradient at once. The K
+  backward passes run inside one program (`lax.map`), `class_batch` of them vectorised at a
+  time: on XLA:CPU one at a time is fastest (vmapping them turns the head's matmuls into
+  batched ones, 9x slower here; benchmarks/multi_attention.py measures both).
+
+  Only the spatial mean of the gradient is needed, and sum_ij d y / d f_c(i, j) is the
+  derivative with respect to a shift s_c added to channel c at every location; differentiating
+  with respect to that shift [N, C] lets XLA reduce inside the backward pass instead of
+  materialising K gradients of the whole map [K, N, h, w, C].
   """
   features = features.astype(jnp.float32)
-  logits, vjp = jax.vjp(head_fn, features)
+  n, h, w, c = features.shape
+  logits, vjp = jax.vjp(lambda s: head_fn(features + s[:, None, None, :]),
+                        jnp.zeros((n, c), jnp.float32))
   k = logits.shape[-1]
   basis = jnp.broadcast_to(jnp.eye(k, dtype=logits.dtype)[:, None, :], (k, *logits.shape))
-  grads = jax.vmap(lambda e: vjp(e)[0])(basis)  # [K, N, h, w, C]
-  alpha = jnp.mean(grads, axis=(2, 3))  # [K, N, C]
+  alpha = jax.lax.map(lambda e: vjp(e)[0], basis,
+                      batch_size=class_batch if class_batch > 1 else None) / (h * w)  # [K, N, C]
   return jax.nn.relu(jnp.einsum('knc,nhwc->nhwk', alpha, features))
 
 
