@@ -70,12 +70,11 @@ def _flops(compiled) -> float | None:
     return None
 
 
-def bench_jax(name: str, size: int, batch: int, dtype: str, repeats: int) -> dict[str, Any]:
+def time_jax_model(build: Any, tx: Any, size: int, batch: int, repeats: int) -> dict[str, Any]:
+  """Times the data-parallel train step and jitted inference of `build(**kwargs)` (a linen
+  module factory; `bn_axis_name` is passed for training) on random data, compile apart."""
   mesh = parallel.make_mesh()
-  cls = MODELS.get(name)
-  model = cls(num_classes=NUM_CLASSES, dtype=getattr(jnp, dtype),
-              bn_axis_name=parallel.DATA_AXIS)
-  tx = optim.build_optimizer(base_config().optimizer, 100)
+  model = build(bn_axis_name=parallel.DATA_AXIS)
   state = create_train_state(model, tx, (size, size, 3), jax.random.key(0), mesh)
   rng = np.random.default_rng(0)
   data = parallel.to_global(
@@ -93,7 +92,7 @@ def bench_jax(name: str, size: int, batch: int, dtype: str, repeats: int) -> dic
     return metrics['loss']
 
   train_s = _timeit(one_step, repeats)
-  eval_model = cls(num_classes=NUM_CLASSES, dtype=getattr(jnp, dtype))
+  eval_model = build()
   variables = holder['state'].variables()
   predict = jax.jit(lambda v, x: eval_model.apply(v, x, train=False))
   t0 = time.perf_counter()
@@ -105,6 +104,13 @@ def bench_jax(name: str, size: int, batch: int, dtype: str, repeats: int) -> dic
           'jax_infer_img_s': batch / infer_s, 'train_flops': _flops(compiled_step),
           'infer_flops': _flops(compiled_predict), 'params': int(n_params),
           'jax_train_s': train_s, 'jax_infer_s': infer_s}
+
+
+def bench_jax(name: str, size: int, batch: int, dtype: str, repeats: int) -> dict[str, Any]:
+  cls = MODELS.get(name)
+  build = lambda **kw: cls(num_classes=NUM_CLASSES, dtype=getattr(jnp, dtype), **kw)
+  return time_jax_model(build, optim.build_optimizer(base_config().optimizer, 100), size, batch,
+                        repeats)
 
 
 def _torch_mobilenet_v1(torch, num_classes: int):
@@ -122,29 +128,28 @@ def _torch_mobilenet_v1(torch, num_classes: int):
   return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
 
 
-def bench_torch(name: str, size: int, batch: int, repeats: int, channels_last: bool,
-                dtype: str = 'float32') -> dict[str, Any]:
-  """torchvision on the GPU when JAX runs on one (bf16 via autocast), else on all CPU cores."""
+def time_torch_model(model: Any, size: int, batch: int, repeats: int, channels_last: bool,
+                     dtype: str, make_optimizer: Any, threads: int | None = None
+                     ) -> dict[str, Any]:
+  """Times a torch model's train step (BCE, `make_optimizer(parameters)`) and inference, on
+  the GPU when JAX runs on one (bf16 via autocast), else on `threads` CPU threads (all)."""
   import contextlib  # noqa: PLC0415
 
   import torch  # noqa: PLC0415
-  import torchvision  # noqa: PLC0415
 
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(threads or os.cpu_count())
   device = 'cuda' if jax.devices()[0].platform == 'gpu' and torch.cuda.is_available() else 'cpu'
+  if device == 'cuda':
+    torch.backends.cudnn.benchmark = True  # fixed shapes; the warm-up call does the tuning
   autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == 'bfloat16'
               else contextlib.nullcontext())
-  if name == 'mobilenet_v1':
-    model = _torch_mobilenet_v1(torch, NUM_CLASSES)
-  else:
-    model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
   model = model.to(device)
   x = torch.randn(batch, 3, size, size, device=device)
   y = (torch.rand(batch, NUM_CLASSES, device=device) < 0.2).float()
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
-  opt = torch.optim.Adam(model.parameters(), 1e-4)
+  opt = make_optimizer(model.parameters())
   loss_fn = torch.nn.BCEWithLogitsLoss()
 
   def train():
@@ -163,7 +168,22 @@ def bench_torch(name: str, size: int, batch: int, repeats: int, channels_last: b
   train_s = _timeit(train, repeats)
   model.eval()
   infer_s = _timeit(infer, repeats)
-  return {'torch_train_img_s': batch / train_s, 'torch_infer_img_s': batch / infer_s}
+  return {'torch_train_img_s': batch / train_s, 'torch_infer_img_s': batch / infer_s,
+          'torch_params': int(sum(p.numel() for p in model.parameters()))}
+
+
+def bench_torch(name: str, size: int, batch: int, repeats: int, channels_last: bool,
+                dtype: str = 'float32') -> dict[str, Any]:
+  """torchvision (Adam) on the GPU when JAX runs on one (bf16 via autocast), else all cores."""
+  import torch  # noqa: PLC0415
+  import torchvision  # noqa: PLC0415
+
+  if name == 'mobilenet_v1':
+    model = _torch_mobilenet_v1(torch, NUM_CLASSES)
+  else:
+    model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
+  return time_torch_model(model, size, batch, repeats, channels_last, dtype,
+                          lambda params: torch.optim.Adam(params, 1e-4))
 
 
 def main():

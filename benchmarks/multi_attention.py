@@ -24,7 +24,6 @@ benchmarks/backbones.py, whose timing helpers this script reuses.
 """
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -48,12 +47,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import backbones  # noqa: E402
 
-from cxr_jax import losses, optim, parallel  # noqa: E402
+from cxr_jax import optim  # noqa: E402
 from cxr_jax.attention.space_attention import SpaceAttentionHead  # noqa: E402
 from cxr_jax.config_lib import base_config  # noqa: E402
 from cxr_jax.explain import boxes, cam, overlays  # noqa: E402
 from cxr_jax.models.resnet import ResNet101, head_fn, score_map_fn  # noqa: E402
-from cxr_jax.train_step import create_train_state, make_train_step  # noqa: E402
 
 NUM_CLASSES = 14
 # Table 1's columns without hard examples: (label, se_reduction, head).
@@ -84,40 +82,12 @@ def bench_jax(label: str, size: int, batch: int, dtype: str, repeats: int) -> di
     return ResNet101(num_classes=NUM_CLASSES, se_reduction=se_reduction, head=head,
                      dtype=getattr(jnp, dtype), **kw)
 
-  mesh = parallel.make_mesh()
-  model = build(bn_axis_name=parallel.DATA_AXIS)
-  tx = optim.build_optimizer(paper_optimizer(), 100)
-  state = create_train_state(model, tx, (size, size, 3), jax.random.key(0), mesh)
-  rng = np.random.default_rng(0)
-  data = parallel.to_global(
-      {'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-       'labels': (rng.random((batch, NUM_CLASSES)) < 0.2).astype(np.float32)}, mesh)
-  step = make_train_step(model, tx, losses.get_loss('sigmoid_bce'), mesh)
-  key = jax.random.key(1)
-  t0 = time.perf_counter()
-  compiled_step = step.lower(state, data, key).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {'state': state}
-
-  def one_step():
-    holder['state'], metrics = compiled_step(holder['state'], data, key)
-    return metrics['loss']
-
-  train_s = _timeit(one_step, repeats)
-  eval_model = build()
-  variables = holder['state'].variables()
-  predict = jax.jit(lambda v, x: eval_model.apply(v, x, train=False))
-  t0 = time.perf_counter()
-  compiled_predict = predict.lower(variables, data['image']).compile()
-  compile_s += time.perf_counter() - t0
-  infer_s = _timeit(lambda: compiled_predict(variables, data['image']), repeats)
-  n_params = sum(x.size for x in jax.tree.leaves(holder['state'].params))
-  train_flops, infer_flops = backbones._flops(compiled_step), backbones._flops(compiled_predict)
-  return {'jax_compile_s': compile_s, 'jax_train_img_s': batch / train_s,
-          'jax_infer_img_s': batch / infer_s, 'jax_train_s': train_s, 'jax_infer_s': infer_s,
-          'params': int(n_params),
-          'jax_train_gflop_s': train_flops / train_s / 1e9 if train_flops else None,
-          'jax_infer_gflop_s': infer_flops / infer_s / 1e9 if infer_flops else None}
+  out = backbones.time_jax_model(build, optim.build_optimizer(paper_optimizer(), 100), size,
+                                 batch, repeats)
+  train_flops, infer_flops = out.pop('train_flops'), out.pop('infer_flops')
+  out['jax_train_gflop_s'] = train_flops / out['jax_train_s'] / 1e9 if train_flops else None
+  out['jax_infer_gflop_s'] = infer_flops / out['jax_infer_s'] / 1e9 if infer_flops else None
+  return out
 
 
 def torch_model(torch, label: str):
@@ -166,41 +136,11 @@ def bench_torch(label: str, size: int, batch: int, repeats: int, channels_last: 
   CPU threads (default all cores)."""
   import torch  # noqa: PLC0415
 
-  torch.set_num_threads(threads or os.cpu_count())
-  device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
-  if device == 'cuda':
-    torch.backends.cudnn.benchmark = True  # fixed shapes; the warm-up call does the tuning
-  autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == 'bfloat16'
-              else contextlib.nullcontext())
   torch.manual_seed(0)
-  model = torch_model(torch, label).to(device)
-  x = torch.randn(batch, 3, size, size, device=device)
-  y = (torch.rand(batch, NUM_CLASSES, device=device) < 0.2).float()
-  if channels_last:
-    model = model.to(memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
-  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-  loss_fn = torch.nn.BCEWithLogitsLoss()
-
-  def train():
-    opt.zero_grad(set_to_none=True)
-    with autocast:
-      loss = loss_fn(model(x).float(), y)
-    loss.backward()
-    opt.step()
-    return loss.item()  # .item() synchronises, so CUDA timings are complete
-
-  def infer():
-    with torch.inference_mode(), autocast:
-      return model(x).float().sum().item()
-
-  model.train()
-  train_s = _timeit(train, repeats)
-  model.eval()
-  infer_s = _timeit(infer, repeats)
-  n_params = sum(p.numel() for p in model.parameters())
-  return {'torch_train_img_s': batch / train_s, 'torch_infer_img_s': batch / infer_s,
-          'torch_params': int(n_params)}
+  return backbones.time_torch_model(
+      torch_model(torch, label), size, batch, repeats, channels_last, dtype,
+      lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4),
+      threads=threads)
 
 
 def _release_torch_memory() -> None:

@@ -42,10 +42,17 @@ def _ma_config(name: str, data_dir: str):
   return config
 
 
-def test_multi_attention_stages_end_to_end(phantom_data_dir, tmp_path):
+def test_multi_attention_stages_end_to_end(phantom_data_dir, tmp_path, caplog):
   config = _ma_config('ma', phantom_data_dir)
+  # Stage 2 continuing from stage 1 (the paper's default is from scratch): the whole model.
+  config.stage_overrides.train_hard_examples = ml_collections.ConfigDict(
+      {'init_from': {'stage': 'train_classifier', 'target': '', 'checkpoint': '', 'fresh': ()}})
+  config_lib.validate(config)
   workdir = tmp_path / 'ma'
-  stages.run(config, workdir)
+  with caplog.at_level('INFO'):
+    stages.run(config, workdir)
+  assert 'Initialised the model from the best checkpoint of' in caplog.text
+  assert 'Hard positives (missed/positives) per class' in caplog.text
 
   mined = json.loads((workdir / 'mine_hard_examples' / 'hard_examples.json').read_text())
   assert mined['num_images_a'] == 24

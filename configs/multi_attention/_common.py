@@ -37,7 +37,10 @@ Readings (the paper is silent or ambiguous):
 - Demo (`:demo`, synthetic `cxr_phantom` at 64 px on 2 CPU cores): ResNet-50 layout at width 16
   with layer3/layer4 dilated (an 8 x 8 last map instead of 2 x 2, so space attention and heat
   maps have locations to work with), from scratch (no ImageNet weights here), 4 px translation,
-  batch 32, 600 steps at learning rate 0.1 (/10 after 450); see `apply_demo`.
+  batch 32, 600 steps at learning rate 0.1 (/10 after 450); see `apply_demo`. Measured here
+  (2 CPU cores, 6-9 min per config): test mean AUROC BSL 0.822, +FAM 0.833, +SAM 0.855,
+  MA 0.859 (one seed: the ordering of Table 1, not its significance); MA's stage 1 is
+  bit-identical to the BSL+FAM+SAM run, its set B holds 6,718 of 16,000 training images.
 """
 
 import ml_collections
