@@ -156,7 +156,13 @@ def _overlay(ex: dict[str, Any], records: list[dict[str, Any]], heat: np.ndarray
 
 
 def localize_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Localisation metrics and overlays of every `config.report_models` model."""
+  """Localisation metrics and overlays of every `config.report_models` model.
+
+  A small job (the NIH box split has 880 images) run by process 0 alone, on its local devices,
+  so that only one host writes.
+  """
+  if jax.process_index() != 0:
+    return
   cfg = config.localize
   pp = cfg.pp or config.data.pp_eval
   for stage, label in config.report_models:
