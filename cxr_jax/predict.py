@@ -132,10 +132,14 @@ class Predictor:
 
   def features(self, inter: dict[str, Any]) -> np.ndarray:
     """The last feature map before pooling [h, w, C'] of the one image."""
+    return self.feature_maps(inter)[0]
+
+  def feature_maps(self, inter: dict[str, Any]) -> np.ndarray:
+    """The last feature maps before pooling [B, h, w, C'] of a batch."""
     found = _find_sown(inter, 'features', ndim=4)
     if found is None:
       raise ValueError('the model did not sow its feature map (intermediates "features")')
-    return np.asarray(found[0], np.float32)
+    return np.asarray(found, np.float32)
 
   def logits_fn(self) -> Callable[[jax.Array], jax.Array]:
     """images [N, H, W, C] -> logits [N, K], the same object every call (PDA's jit key)."""
@@ -449,21 +453,16 @@ def class_activation_boxes(predictor: Predictor, inter: dict[str, Any], method: 
                            ) -> list[tuple[str, np.ndarray, list[tuple[float, ...]]]]:
   """(class, heat map [H', W'] at the model input, boxes in image pixels) per chosen class."""
   from cxr_jax.explain import boxes as boxes_lib
-  from cxr_jax.explain import cam
-  features = predictor.features(inter)[None]
-  head = predictor.head_fn() if method == 'grad_cam' else None
-  score_map = predictor.score_map_fn() if method == 'cam' else None
-  maps = np.asarray(cam.class_maps(method, features, head_fn=head, score_map_fn=score_map))[0]
+  from cxr_jax.explain import localize
+  maps = localize.class_heatmaps(predictor, inter, method)[0]
   settings = boxes_lib.BoxSettings.from_config(
       _run_config(predictor).get('localize', {}).get('boxes'))
   hh, ww = predictor.image_shape[:2]
-  out = []
-  for c in chosen:
-    heat = overlays.upsample(maps[..., predictor.class_names.index(c)], (hh, ww))
-    found = boxes_lib.scale_boxes(boxes_lib.heatmap_to_boxes(heat, settings),
-                                  image_hw[1] / ww, image_hw[0] / hh)
-    out.append((c, heat, found))
-  return out
+  ks = [predictor.class_names.index(c) for c in chosen]
+  found = localize.heatmap_boxes(maps, ks, (hh, ww), settings)
+  return [(c, found[k][0], boxes_lib.scale_boxes(found[k][1], image_hw[1] / ww,
+                                                 image_hw[0] / hh))
+          for c, k in zip(chosen, ks, strict=True)]
 
 
 def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:

@@ -417,14 +417,15 @@ def _fix_densenet_keys(sd: StateDict) -> StateDict:
   return out
 
 
-def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/layer1_0/conv1/kernel': shape} for every leaf of a variables tree."""
   return {'/'.join(str(getattr(k, 'key', k)) for k in p): tuple(np.shape(x))
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def check_structure(want: Any, got: Any, *, what: str) -> None:
   """Raises ValueError listing missing, unexpected and wrongly shaped leaves of `got`."""
-  w, g = _tree_shapes(want), _tree_shapes(got)
+  w, g = tree_shapes(want), tree_shapes(got)
   if w == g:
     return
   missing = sorted(set(w) - set(g))
@@ -459,8 +460,8 @@ def _init_shapes(model: nn.Module, in_channels: int) -> Variables:
 
 def classifier_paths(model: nn.Module, in_channels: int = 3) -> list[str]:
   """'params/...' paths of the leaves whose shape depends on `num_classes` (the head)."""
-  a = _tree_shapes(_init_shapes(model, in_channels))
-  b = _tree_shapes(_init_shapes(model.clone(num_classes=model.num_classes + 1), in_channels))
+  a = tree_shapes(_init_shapes(model, in_channels))
+  b = tree_shapes(_init_shapes(model.clone(num_classes=model.num_classes + 1), in_channels))
   return sorted(k for k in a if a[k] != b.get(k))
 
 

@@ -40,13 +40,14 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> float:
   return n * jax.process_count() / config.batch_size
 
 
-def num_train_steps(config: ml_collections.ConfigDict) -> int:
-  """config.num_train_steps if > 0, else config.num_epochs over the (filtered) train split."""
+def num_train_steps(config: ml_collections.ConfigDict, epoch_steps: float | None = None) -> int:
+  """config.num_train_steps if > 0, else config.num_epochs over the (filtered) train split
+  (`epoch_steps`: `steps_per_epoch(config)` if the caller has it already)."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   if config.num_epochs <= 0:
     raise ValueError('Set config.num_train_steps or config.num_epochs to a positive number.')
-  return max(1, math.ceil(config.num_epochs * steps_per_epoch(config)))
+  return max(1, math.ceil(config.num_epochs * (epoch_steps or steps_per_epoch(config))))
 
 
 def _scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -77,9 +78,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
   class_names = tuple(config.data.classes)
   model = build_model(config.model, num_classes=len(class_names), dtype=config.dtype,
                       bn_axis_name=parallel.DATA_AXIS)
-  total_steps = num_train_steps(config)
-  epoch_steps = (steps_per_epoch(config) if config.optimizer.schedule.get('boundary_epochs')
-                 else None)
+  # Counting the train split is a pass over it: done once, only when something needs it.
+  epoch_steps = (steps_per_epoch(config) if config.num_train_steps <= 0 or
+                 config.optimizer.schedule.get('boundary_epochs') else None)
+  total_steps = num_train_steps(config, epoch_steps)
   tx = optim.build_optimizer(config.optimizer, total_steps, epoch_steps)
   step_fn = make_train_step(model, tx, losses.get_loss(config.loss), mesh)
   evaluator = EVALUATORS.get(config.evaluator)(
@@ -235,13 +237,13 @@ def init_from_checkpoint(state: TrainState, model: nn.Module, directory: str, *,
   meta = pretrained.read_meta(directory)
   fresh_vars = {'params': jax.device_get(state.params),
                 'batch_stats': jax.device_get(state.batch_stats)}
-  ours = _shapes(fresh_vars)
+  ours, theirs = pretrained.tree_shapes(fresh_vars), pretrained.tree_shapes(imported)
   head = pretrained.classifier_paths(model.clone(bn_axis_name=None), in_channels)
-  differing = {p for p in head if ours.get(_keystr(p)) != _shapes(imported).get(_keystr(p))}
+  differing = {p for p in head if ours.get(p) != theirs.get(p)}
   their_head = pretrained.classifier_paths(imported_model, in_channels)
-  imported = _drop_paths(imported, [p for p in their_head if _keystr(p) not in ours])
-  matched = sorted(p for p in _paths(fresh_vars) if any(fnmatch.fnmatch(p, f) for f in fresh))
-  unmatched = [f for f in fresh if not any(fnmatch.fnmatch(p, f) for p in _paths(fresh_vars))]
+  imported = _drop_paths(imported, [p for p in their_head if p not in ours])
+  matched = sorted(p for p in ours if any(fnmatch.fnmatch(p, f) for f in fresh))
+  unmatched = [f for f in fresh if not any(fnmatch.fnmatch(p, f) for p in ours)]
   if unmatched:
     raise ValueError(f'config.init_from.fresh: {unmatched} match no variable of the model '
                      "(paths look like 'params/layer1_0/se/fc1/kernel').")
@@ -255,22 +257,12 @@ def init_from_checkpoint(state: TrainState, model: nn.Module, directory: str, *,
                        batch_stats=jax.device_put(merged.get('batch_stats', {}), sharding))
 
 
-def _paths(tree: Any) -> list[str]:
-  """'params/layer1_0/conv1/kernel' style paths of the leaves of a variables tree."""
-  return ['/'.join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _drop_paths(tree: dict, paths: list[str]) -> dict:
   """`tree` without the leaves at `paths` (and sub-dicts left empty)."""
   import flax
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
   return flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in paths},
                                            sep='/')
-
-
-def _keystr(path: str) -> str:
-  """'params/head/kernel' -> the jax.tree_util.keystr form `_shapes` uses."""
-  return ''.join(f"['{k}']" for k in path.split('/'))
 
 
 def init_from_stage(state: TrainState, source_dir: epath.Path, target: str) -> TrainState:

@@ -100,7 +100,7 @@ def test_new_head_is_initialised_rest_imported(resnet18_file):
                                      num_classes=14, key=jax.random.key(3))
   head = pretrained.classifier_paths(model)
   assert head and all(p.startswith('params/') for p in head)
-  flat_new = pretrained._tree_shapes(variables)
+  flat_new = pretrained.tree_shapes(variables)
   assert all(flat_new[p][-1] == 14 for p in head)
   # Everything but the head is the imported tensor.
   a = flax.traverse_util.flatten_dict(full, sep='/')

@@ -20,7 +20,7 @@ black).
 """
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,9 +38,32 @@ from cxr_jax.io_utils import atomic_write_json, atomic_write_text
 LOCALIZATION = 'localization.json'
 
 
-def predict_boxes(predictor: predict.Predictor, images: np.ndarray, *, method: str,
+def class_heatmaps(predictor: predict.Predictor, inter: dict[str, Any], method: str
+                   ) -> np.ndarray:
+  """Heat maps [N, h, w, K] of every class on the feature maps sown in `inter` ('cam' or
+  'grad_cam'; cxr_jax/explain/cam.py)."""
+  head = predictor.head_fn() if method == 'grad_cam' else None
+  score_map = predictor.score_map_fn() if method == 'cam' else None
+  return np.asarray(cam.class_maps(method, predictor.feature_maps(inter), head_fn=head,
+                                   score_map_fn=score_map))
+
+
+def heatmap_boxes(maps: np.ndarray, classes: Iterable[int], size: tuple[int, int],
                   settings: boxes_lib.BoxSettings
-                  ) -> tuple[np.ndarray, np.ndarray, list[list[list[boxes_lib.Box]]]]:
+                  ) -> dict[int, tuple[np.ndarray, list[boxes_lib.Box]]]:
+  """One image's maps [h, w, K] -> {k: (heat map upsampled to `size` (H, W), its boxes in
+  those pixels)} for the class indices `classes`."""
+  out = {}
+  for k in classes:
+    heat = overlays.upsample(maps[..., k], size)
+    out[k] = (heat, boxes_lib.heatmap_to_boxes(heat, settings))
+  return out
+
+
+def predict_boxes(predictor: predict.Predictor, images: np.ndarray, *, method: str,
+                  settings: boxes_lib.BoxSettings,
+                  classes: Sequence[Iterable[int]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[dict[int, list[boxes_lib.Box]]]]:
   """Model outputs for a batch of preprocessed images; no ground truth goes in.
 
   Args:
@@ -48,25 +71,21 @@ def predict_boxes(predictor: predict.Predictor, images: np.ndarray, *, method: s
     images: [N, H, W, C] preprocessed model inputs.
     method: 'cam' or 'grad_cam'.
     settings: heat map -> boxes settings.
+    classes: per image, the class indices to draw boxes for (default: every class).
 
   Returns:
-    (probs [N, K], heat maps [N, H, W, K] upsampled to the input, boxes[n][k] = list of
-    (x, y, w, h) boxes in input pixels).
+    (probs [N, K], heat maps [N, h, w, K] at the feature map's resolution, boxes[n][k] = list
+    of (x, y, w, h) boxes in input pixels of the maps upsampled to the input).
   """
   logits, inter = predictor.forward(predictor.variables, images)
   probs = np.asarray(jax.nn.sigmoid(np.asarray(logits, np.float32)))
-  features = predict._find_sown(inter, 'features', ndim=4)
-  if features is None:
-    raise ValueError('the model did not sow its feature map (intermediates "features")')
-  head = predictor.head_fn() if method == 'grad_cam' else None
-  score_map = predictor.score_map_fn() if method == 'cam' else None
-  maps = np.asarray(cam.class_maps(method, features, head_fn=head, score_map_fn=score_map))
+  maps = class_heatmaps(predictor, inter, method)
   n, h, w = images.shape[:3]
-  heat = np.stack([np.stack([overlays.upsample(maps[i, ..., k], (h, w))
-                             for k in range(maps.shape[-1])], axis=-1) for i in range(n)])
-  found = [[boxes_lib.heatmap_to_boxes(heat[i, ..., k], settings) for k in range(heat.shape[-1])]
-           for i in range(n)]
-  return probs, heat, found
+  every = range(maps.shape[-1])
+  found = [{k: b for k, (_, b) in heatmap_boxes(
+      maps[i], every if classes is None else classes[i], (h, w), settings).items()}
+      for i in range(n)]
+  return probs, maps, found
 
 
 def _batches(examples: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
@@ -81,7 +100,7 @@ def _batches(examples: Iterable[dict[str, Any]], size: int) -> Iterable[list[dic
 
 
 def match_records(example: dict[str, Any], probs: np.ndarray,
-                  found: Sequence[Sequence[boxes_lib.Box]], class_names: Sequence[str],
+                  found: Mapping[int, Sequence[boxes_lib.Box]], class_names: Sequence[str],
                   thresholds: np.ndarray) -> tuple[list[dict[str, Any]], int]:
   """One record per ground-truth box of `example` whose class the model has; (records,
   number of boxes skipped for having no area left after preprocessing)."""
@@ -113,14 +132,19 @@ def localize_model(predictor: predict.Predictor, examples: Iterable[dict[str, An
   records, skipped, shown, n_images = [], 0, 0, 0
   for batch in _batches(examples, cfg.batch_size):
     images = np.stack([ex['image'] for ex in batch])
-    probs, heat, found = predict_boxes(predictor, images, method=cfg.method, settings=settings)
+    # Boxes only for the classes scored below: which classes are drawn depends on the ground
+    # truth, the boxes of a class never do.
+    wanted = [{class_names.index(c) for c in ex['box_classes'] if c in class_names}
+              for ex in batch]
+    probs, maps, found = predict_boxes(predictor, images, method=cfg.method, settings=settings,
+                                       classes=wanted)
     for i, ex in enumerate(batch):
       recs, s = match_records(ex, probs[i], found[i], class_names, thresholds)
       records += recs
       skipped += s
       n_images += 1
       if shown < cfg.num_overlays and recs:
-        _overlay(ex, recs, heat[i], class_names, label, cfg.method, out_dir / 'overlays')
+        _overlay(ex, recs, maps[i], class_names, label, cfg.method, out_dir / 'overlays')
         shown += 1
   if not records:
     raise ValueError(f'no ground-truth box of the classes {class_names} in the split '
@@ -136,16 +160,16 @@ def localize_model(predictor: predict.Predictor, examples: Iterable[dict[str, An
   return metrics
 
 
-def _overlay(ex: dict[str, Any], records: list[dict[str, Any]], heat: np.ndarray,
+def _overlay(ex: dict[str, Any], records: list[dict[str, Any]], maps: np.ndarray,
              class_names: Sequence[str], label: str, method: str, out_dir: epath.Path) -> None:
   image = ex['image'][..., 0]
   image = (image - image.min()) / max(float(np.ptp(image)), 1e-8)  # display only
   panels = []
   for c in dict.fromkeys(r['class'] for r in records):
     rs = [r for r in records if r['class'] == c]
-    k = class_names.index(c)
+    heat = overlays.upsample(maps[..., class_names.index(c)], image.shape)
     panels.append(overlays.Panel(
-        heat[..., k], value_range=(float(heat[..., k].min()), float(heat[..., k].max())),
+        heat, value_range=(float(heat.min()), float(heat.max())),
         title=f'{label}: {c} (p={rs[0]["prob"]:.2f}, IoU {max(r["iou"] for r in rs):.2f})',
         boxes=[tuple(r['gt']) for r in rs], pred_boxes=[tuple(b) for b in rs[0]['pred']],
         colorbar_label=f'{method} (class score)'))
