@@ -145,6 +145,20 @@ def test_train_resume_is_exact(data_dir):
       np.testing.assert_array_equal(batch['labels'], ref[s]['labels'])
 
 
+def test_a_global_tf_seed_changes_nothing(data_dir):
+  # Users (and Keras's set_random_seed) set TensorFlow's global seed; the stream is ours alone.
+  import tensorflow as tf
+  cfg = _cfg(data_dir, pp_train=PP_AUGMENT, shuffle_buffer=16)
+  ref = _take(pipeline.make_train_iter(cfg, global_batch_size=6, seed=3), 8)
+  tf.random.set_seed(1234)
+  try:
+    seeded = _take(pipeline.make_train_iter(cfg, global_batch_size=6, seed=3), 8)
+  finally:
+    tf.random.set_seed(None)
+  for a, b in zip(ref, seeded, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+
+
 def test_train_augmentation_differs_per_element_and_epoch(data_dir):
   # Same example in two epochs is augmented differently (seed depends on the stream index).
   cfg = _cfg(data_dir, pp_train=PP_PLAIN + '|random_translate(3)', shuffle_buffer=1)

@@ -265,6 +265,10 @@ def make_train_iter(
   augment_root = tf.random.experimental.stateless_fold_in(root, np.int64(1))
 
   def epoch(e: tf.Tensor) -> tf.data.Dataset:
+    # The order is ours, from (seed, process, epoch) alone: a global TF seed (tf.random
+    # .set_seed, keras.utils.set_random_seed) must not enter it, and with one set TF's
+    # get_seed compares our symbolic seed to 0 as a Python bool and fails.
+    tf.compat.v1.get_default_graph().seed = None
     epoch_seed = tf.random.stateless_uniform(
       [],
       tf.random.experimental.stateless_fold_in(shuffle_root, e),
