@@ -44,8 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'activation': config.model.activation, 'dropout_rate': config.model.dropout_rate,
       'num_steps': 3, 'hidden_size': 16, 'attention_size': 64, 'feedback': 'probs',
       'freeze_backbone': True})
-  attention.init_from = ml_collections.ConfigDict(
-      {'stage': 'train_classifier', 'target': 'backbone'})
+  # An override replaces the whole field: start from the base's so every key is there.
+  attention.init_from = config_lib.base_config().init_from
+  attention.init_from.stage = 'train_classifier'
+  attention.init_from.target = 'backbone'
   attention.optimizer = config_lib.base_config().optimizer
   attention.optimizer.name = 'adam'
   attention.optimizer.learning_rate = 1e-3

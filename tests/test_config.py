@@ -30,6 +30,16 @@ def test_every_config_validates(path, arg):
   assert config.name
 
 
+@pytest.mark.parametrize('path', CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_stage_sees_every_init_from_key(path):
+  # stage_overrides replace a field wholesale: a partial init_from broke the training loop.
+  from cxr_jax import stages
+  config = _load(path).get_config('demo')
+  for stage in config.stages:
+    init_from = stages.stage_config(config, stage).init_from
+    assert set(init_from) == set(config_lib.base_config().init_from), (stage, init_from)
+
+
 def test_demo_shrinks_the_full_config():
   module = _load(ROOT / 'configs' / 'mobilenet_baseline.py')
   full, demo = module.get_config(), module.get_config('demo')
