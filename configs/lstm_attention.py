@@ -13,6 +13,10 @@ Run (full; NIH ChestX-ray14 prepared as in WORKSPACE.md, an accelerator):
   python -m cxr_jax.main --config=configs/lstm_attention.py --workdir=workdir/lstm
 Demo (synthetic `cxr_phantom`, 64 px, 2 CPU cores, a few minutes):
   python -m cxr_jax.main --config=configs/lstm_attention.py:demo
+It shrinks stage 1 as configs/mobilenet_baseline.py's `apply_demo` does: output stride 8 gives
+the attention an 8 x 8 map to choose from (at MobileNet's 32 it was 2 x 2 and the three steps
+attended alike), width 0.125 and Adam 3e-3 keep it fast; stage 2 then trains for 1,000 steps at
+3e-3, and Fig. 2's PDA maps are at the paper's feature level (8 x 8).
 
 Readings (the paper is silent or ambiguous):
 - "The output (feature maps) of GAP layer ... were fed into the attention branch": attention
@@ -42,8 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   attention.model = ml_collections.ConfigDict({
       'name': 'mobilenet_lstm_attention', 'width_multiplier': config.model.width_multiplier,
       'activation': config.model.activation, 'dropout_rate': config.model.dropout_rate,
-      'num_steps': 3, 'hidden_size': 16, 'attention_size': 64, 'feedback': 'probs',
-      'freeze_backbone': True})
+      'output_stride': config.model.output_stride, 'num_steps': 3, 'hidden_size': 16,
+      'attention_size': 64, 'feedback': 'probs', 'freeze_backbone': True})
   # An override replaces the whole field: start from the base's so every key is there.
   attention.init_from = config_lib.base_config().init_from
   attention.init_from.stage = 'train_classifier'
@@ -61,12 +65,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == 'demo':
     baseline.apply_demo(config)
     attention.model.width_multiplier = config.model.width_multiplier
+    attention.model.output_stride = config.model.output_stride
+    attention.optimizer.learning_rate = config.optimizer.learning_rate  # 3e-3, as stage 1
     attention.num_epochs = -1
-    # The branch trains on frozen features (~30 steps/s here) but from scratch: 300 steps
-    # leave it at 0.70 mean test AUROC, 1,500 at 0.77, still rising.
-    attention.num_train_steps = 2500
-    attention.eval_every_steps = 500
-    attention.checkpoint_every_steps = 500
+    # The branch trains from scratch on the frozen 8 x 8 x 128 maps; each step still runs the
+    # backbone forward (a step takes ~15 ms for 64 images on 2 cores, the old 2 x 2 demo's ~22).
+    # Measured as apply_demo's numbers were (one seed): mean validation AUROC 0.78 after 250
+    # steps, 0.82 (test 0.82) after 1,000, where stage 1 had 0.81 (test 0.80).
+    attention.num_train_steps = 1000
+    attention.eval_every_steps = 250
+    attention.checkpoint_every_steps = 250
   elif arg:
     raise ValueError(f"Unknown config argument {arg!r}; valid: 'demo'.")
   return config

@@ -8,7 +8,8 @@ entropy" in the paper, on 13 sigmoid outputs), batch 1024, best model by validat
 
 Run (full, needs NIH ChestX-ray14 prepared as described in WORKSPACE.md, and an accelerator):
   python -m cxr_jax.main --config=configs/mobilenet_baseline.py --workdir=workdir/mnb
-Demo (synthetic `cxr_phantom`, 64 px, 2 CPU cores, a few minutes):
+Demo (synthetic `cxr_phantom`, 64 px, 2 CPU cores, a few minutes; width 0.125, output stride 8
+for an 8 x 8 last map, Adam 3e-3, 500 steps: see `apply_demo`):
   python -m cxr_jax.main --config=configs/mobilenet_baseline.py:demo
 
 Readings and deviations (the paper is silent on these):
@@ -39,9 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.pp_train = 'decode|grayscale_to_rgb|resize(224)|normalize("minus_one_one")'
   config.data.pp_eval = config.data.pp_train
 
+  # output_stride 32 is MobileNet's own (7 x 7 last map at 224 px); see apply_demo for 8.
   config.model = ml_collections.ConfigDict({
       'name': 'mobilenet_v1', 'width_multiplier': 1.0, 'activation': 'relu',
-      'dropout_rate': 0.0})
+      'dropout_rate': 0.0, 'output_stride': 32})
   config.loss = 'sigmoid_bce'
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 1e-3
@@ -68,22 +70,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def apply_demo(config: ml_collections.ConfigDict) -> None:
-  """Shrinks image size, width, data and steps to run on 2 CPU cores in minutes."""
+  """Shrinks image size, width, data and steps to run on 2 CPU cores in minutes.
+
+  At 64 px MobileNet's output stride of 32 leaves a 2 x 2 last feature map: the recurrent
+  attention of configs/lstm_attention.py had next to nothing to choose from (its three steps
+  came out the same) and feature-level PDA a single window. Output stride 8 (blocks 6 and 12 run
+  at stride 1 and the depthwise convolutions after them are dilated, as in DeepLab; the
+  parameters do not change) gives an 8 x 8 map, like the paper's 7 x 7 at 224 px, for ~4x the
+  FLOPs of the late blocks. Width 0.125 (0.5 before) pays for it: a train step (64 px, batch
+  64, 2 cores) takes 115 ms, the old demo's 205 ms. Adam at 3e-3 (the paper's 1e-3 before)
+  learns in the few steps there is time for: in a stand-alone loop with this model, data and
+  augmentation (one seed), mean validation AUROC 0.70 after 600 steps at 1e-3, 0.81 (test 0.80)
+  after 500 at 3e-3. The full config keeps the paper's settings.
+  """
   config.data.name = 'cxr_phantom/64'
   config.data.pp_train = 'decode|grayscale_to_rgb|random_translate(3)|normalize("minus_one_one")'
   config.data.pp_eval = 'decode|grayscale_to_rgb|normalize("minus_one_one")'
   config.data.cache = True
-  config.model.width_multiplier = 0.5
+  config.model.width_multiplier = 0.125
+  config.model.output_stride = 8
+  config.optimizer.learning_rate = 3e-3
   config.batch_size = 64
   config.eval_batch_size = 256
   config.num_epochs = -1
-  config.num_train_steps = 600
+  config.num_train_steps = 500
   config.log_every_steps = 50
-  config.eval_every_steps = 200
-  config.checkpoint_every_steps = 200
-  # At 64 px the last feature map is only 2 x 2, so the demo explains pixels instead: 8 x 8
-  # windows every 4 px, 10 samples each (2,250 forward passes per heat map).
-  config.explain.level = 'pixels'
-  config.explain.window = 8
-  config.explain.stride = 4
+  config.eval_every_steps = 250
+  config.checkpoint_every_steps = 250
+  # Fig. 2 at the paper's level: PDA over the 8 x 8 feature map, 2 x 2 windows at every offset
+  # (49 windows x 10 samples re-running only the head, well under a second per image; the old
+  # pixel-level maps ran the whole network 2,250 times per image).
+  config.explain.level = 'features'
+  config.explain.window = 2
+  config.explain.stride = 1
   config.explain.num_images = 4

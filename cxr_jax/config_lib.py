@@ -4,8 +4,10 @@ Method configs (`configs/*.py`) call `base_config()` and override; `validate` tu
 name or value into one clear error naming the `config.` key before any work is done.
 """
 
+import copy
 import importlib.util
 import pathlib
+from collections.abc import Container
 from typing import Any
 
 import ml_collections
@@ -49,6 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
   # JSON {'copies': {image_id: k}}: those train examples appear 1 + k times per epoch (paper
   # 001's set C; the train_hard_examples stage sets it to what mine_hard_examples wrote).
   c.data.extra_copies = ''
+  # The feature the loss and the evaluator read ('labels': multi-hot over `classes`; 'label':
+  # one class index; 'masks': segmentation masks), and the features the model takes besides
+  # the image (passed to it by name, e.g. ('masks',)); cxr_jax/data/pipeline.py.
+  c.data.target = 'labels'
+  c.data.inputs = ()
 
   c.model = ml_collections.ConfigDict({'name': 'mobilenet_v1'})
   c.loss = 'sigmoid_bce'
@@ -78,10 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Prediction Difference Analysis heat maps (stage `explain`, and `python -m cxr_jax.predict
   # --explain=pda`): level 'features' (paper 000: last feature map, head only) or 'pixels'.
+  # The stage explains the first `num_images` images *with boxes* of `split` ('' = the test
+  # split, data.eval_splits.test: never images the model trained on or was selected with).
+  # laplace_n: N of PDA's Laplace correction, 0 = the training split's size.
   c.explain = ml_collections.ConfigDict({
-      'level': 'features', 'split': 'bbox', 'num_images': 8, 'sampler': 'marginal',
+      'level': 'features', 'split': '', 'num_images': 8, 'sampler': 'marginal',
       'window': 2, 'stride': 1, 'padding': 1, 'num_samples': 10, 'chunk_size': 256,
-      'num_reference': 64, 'laplace_n': 10_000, 'seed': 0})
+      'num_reference': 64, 'laplace_n': 0, 'seed': 0})
 
   # Paper 001's hard example attention (stages mine_hard_examples, train_hard_examples): the
   # model of `source_stage` scores the train split; positives with prob <= threshold are hard;
@@ -89,24 +99,51 @@ def base_config() -> ml_collections.ConfigDict:
   c.hard_examples = ml_collections.ConfigDict(
       {'source_stage': 'train_classifier', 'threshold': 0.5, 'copies': 'per_image'})
 
-  # Localisation on a box split (stage `localize`, cxr_jax/explain/localize.py): heat maps by
+  # Localisation on a box split (stage `localize`, cxr_jax/stages/localize.py): heat maps by
   # `method` ('cam': class score maps of linear heads and of the space attention head;
   # 'grad_cam': any head) at the last feature map, upsampled to the model input, binarised
-  # into boxes (`boxes`: explain/boxes.py BoxSettings) without any ground truth; `pp` = the
-  # preprocessing of that split ('' = data.pp_eval); accuracy at each T(IoU) of `iou_thresholds`;
-  # `require_prediction`: a box counts as missed unless the model also predicts its class.
+  # into boxes (`boxes`: explain/boxes.py BoxSettings; mode 'largest', 'all', 'peak' or
+  # 'multi_threshold' = Wang et al.'s boxes at every level of `boxes.thresholds`) without any
+  # ground truth; `pp` = the preprocessing of that split ('' = data.pp_eval); accuracy and
+  # average false positives (AFP) at each T(IoU) of `iou_thresholds`; `require_prediction`: a
+  # box counts as missed unless the model also predicts its class.
   c.localize = ml_collections.ConfigDict({
       'split': 'bbox', 'method': 'cam', 'pp': '',
       'boxes': ml_collections.ConfigDict({'threshold': 0.5, 'normalize': 'minmax',
                                           'mode': 'largest', 'min_area': 0.0,
-                                          'connectivity': 8}),
+                                          'connectivity': 8,
+                                          'thresholds': (60 / 255, 180 / 255)}),
       'iou_thresholds': (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), 'require_prediction': False,
       'batch_size': 16, 'num_overlays': 8})
 
   c.evaluator = 'multilabel_classification'
   c.best_metric = 'mean_auroc'
-  c.threshold = 0.5
+  # Decision threshold: a probability, or 'per_class': one threshold per class chosen on the
+  # validation split by `threshold_rule` ('max_f1': each class's F1; 'youden': sensitivity +
+  # specificity - 1), stored with the run by the evaluate stage (
+  # layout.Run.thresholds_file) and applied to the test split, `predict` and the viewer.
+  c.threshold = ml_collections.FieldReference(0.5, field_type=object)
+  c.threshold_rule = 'max_f1'
   return c
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """`config` with the top-level fields in `config.stage_overrides.<stage>` replaced wholesale.
+
+  A method with two training stages keeps stage 1's settings at the top level and lists what
+  stage 2 changes under its name, e.g. `config.stage_overrides.train_attention.model`.
+  """
+  overrides = config.stage_overrides.get(stage)
+  if not overrides:
+    return config
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    for key, value in overrides.items():
+      if key not in cfg or key == 'stage_overrides':
+        raise ValueError(f'config.stage_overrides.{stage}.{key}: not a config field that a '
+                         'stage can override.')
+      cfg[key] = copy.deepcopy(value)
+  return cfg
 
 
 def load_sibling(config_file: str, name: str) -> Any:
@@ -144,28 +181,36 @@ def _one_of(value: str, valid: tuple[str, ...]) -> None:
     raise ValueError(f'{value!r}; valid: {list(valid)}')
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad `config.` key (registries list valid names)."""
-  from cxr_jax import stages
+def validate(config: ml_collections.ConfigDict, stage_names: Container[str] | None = None
+             ) -> None:
+  """Raises ValueError naming the first bad `config.` key (registries list valid names).
+
+  stage_names: the registered stages (cxr_jax.stages.STAGES); None skips that check (a run
+  read back for inference).
+  """
+  def check_stage(key: str, stage: str) -> None:
+    if stage_names is not None and stage not in stage_names:
+      raise ValueError(f'config.{key}: unknown stage {stage!r}; valid names: '
+                       f'{", ".join(sorted(stage_names))}')
 
   for stage in config.stages:
-    _check('stages', stages.STAGES.get, stage)
+    check_stage('stages', stage)
   for stage, _ in config.report_models:
     if stage not in config.stages:
       raise ValueError(f'config.report_models: {stage!r} is not one of config.stages '
                        f'{list(config.stages)}.')
   _check_fields(config)
   for stage in config.stage_overrides:
-    _check('stage_overrides', stages.STAGES.get, stage)
+    check_stage('stage_overrides', stage)
     try:
-      _check_fields(stages.stage_config(config, stage))
+      _check_fields(stage_config(config, stage))
     except ValueError as e:
       raise ValueError(f'{e} (with config.stage_overrides.{stage})') from None
 
 
 def _check_fields(config: ml_collections.ConfigDict) -> None:
   """The checks of `validate` that apply to one stage's effective config."""
-  from cxr_jax import evaluate, losses, optim
+  from cxr_jax import evaluate, losses, metrics, optim
   from cxr_jax.data import ops
   from cxr_jax.data.labels import class_indices
   from cxr_jax.evaluators import EVALUATORS
@@ -198,5 +243,17 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
             'checkpoint_every_steps', 'keep_checkpoints', 'optimizer.learning_rate')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError('config.num_train_steps or config.num_epochs must be positive.')
-  if not 0.0 < config.threshold < 1.0:
-    raise ValueError(f'config.threshold={config.threshold!r}: expected a probability in (0, 1).')
+  threshold = config.threshold
+  if isinstance(threshold, str):
+    if threshold != 'per_class':
+      raise ValueError(f"config.threshold={threshold!r}: expected a probability in (0, 1) or "
+                       "'per_class'.")
+  elif isinstance(threshold, bool) or not isinstance(threshold, int | float) or not (
+      0.0 < threshold < 1.0):
+    raise ValueError(f"config.threshold={threshold!r}: expected a probability in (0, 1) or "
+                     "'per_class'.")
+  _check('threshold_rule', _one_of, config.get('threshold_rule', 'max_f1'),
+         tuple(metrics.THRESHOLD_RULES))
+  if config.explain.get('laplace_n', 0) < 0:
+    raise ValueError(f'config.explain.laplace_n={config.explain.laplace_n!r}: expected >= 0 '
+                     '(0 = the training split size).')

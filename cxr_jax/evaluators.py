@@ -2,6 +2,9 @@
 
 Predictions of every device and host are gathered with their labels and padding mask; padded
 examples are removed before any metric is computed, so no example is dropped or counted twice.
+An evaluator builds its input pipeline once (with `drop_no_finding` that includes a counting
+pass over the split) and keeps it, with its compiled predict function, for every evaluation of
+a run.
 """
 
 import dataclasses
@@ -12,13 +15,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from cxr_jax import evaluate, parallel
-from cxr_jax.data import pipeline
-from cxr_jax.io_utils import atomic_write_npz
+from cxr_jax import evaluate, metrics, parallel
 from cxr_jax.registry import Registry
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
 EVALUATORS: Registry[type] = Registry('evaluator')
+
+PER_CLASS = 'per_class'
 
 
 @dataclasses.dataclass
@@ -29,38 +32,58 @@ class Predictions:
   labels: np.ndarray  # [N, K] float32
   probs: np.ndarray  # [N, K] float32
 
-  def save(self, path: str) -> None:
-    """Writes an .npz atomically (temporary file + rename)."""
-    atomic_write_npz(path, image_ids=np.asarray(self.image_ids), labels=self.labels,
-                     probs=self.probs)
 
-  @classmethod
-  def load(cls, path: str) -> 'Predictions':
-    with np.load(path) as f:
-      return cls([str(s) for s in f['image_ids']], f['labels'], f['probs'])
+def resolve_thresholds(threshold: float | str | list[float], rule: str, labels: np.ndarray,
+                       probs: np.ndarray) -> np.ndarray | float:
+  """config.threshold -> what `compute_metrics` takes: the scalar (or [K]) as given, or for
+  'per_class' the thresholds `rule` chooses on these very predictions (validation)."""
+  if isinstance(threshold, str):
+    if threshold != PER_CLASS:
+      raise ValueError(f"config.threshold={threshold!r}: a probability or 'per_class'")
+    return metrics.choose_thresholds(labels, probs, rule)
+  return threshold
 
 
 @EVALUATORS.register('multilabel_classification')
 class ClassificationEvaluator:
-  """Per-class AUROC, F1, binary accuracy, MAE ... of sigmoid outputs on one split."""
+  """Per-class AUROC, F1, binary accuracy, MAE ... of sigmoid outputs on one split.
+
+  threshold: a probability (or [K] of them), or 'per_class': thresholds chosen by
+  `threshold_rule` on the evaluated split itself, which is how the training loop selects its
+  best checkpoint on validation; the evaluate stage applies validation's to the test split.
+  """
 
   def __init__(self, predict_fn: PredictFn, data_cfg: ml_collections.ConfigDict, split: str, *,
                batch_size: int, mesh: jax.sharding.Mesh, class_names: tuple[str, ...],
-               threshold: float | list[float] = 0.5):
+               threshold: float | str | list[float] = 0.5, threshold_rule: str = 'max_f1',
+               eval_input: Any = None):
     self.predict_fn = jax.jit(predict_fn, out_shardings=parallel.batch_sharded(mesh))
     self.data_cfg, self.split, self.batch_size = data_cfg, split, batch_size
-    self.mesh, self.class_names, self.threshold = mesh, class_names, threshold
+    self.mesh, self.class_names = mesh, class_names
+    self.threshold, self.threshold_rule = threshold, threshold_rule
+    # An `EvalInput` of the same split may be shared between evaluators (several models).
+    self._input = eval_input
+
+  @property
+  def input(self):
+    """The split's `pipeline.EvalInput`, built on first use and kept."""
+    if self._input is None:
+      from cxr_jax.data import pipeline
+      self._input = pipeline.make_eval_iter(self.data_cfg, self.split,
+                                            global_batch_size=self.batch_size)
+    return self._input
 
   def predict(self, variables: Any) -> Predictions:
     ids, labels, probs = [], [], []
-    for batch in pipeline.make_eval_iter(self.data_cfg, self.split,
-                                         global_batch_size=self.batch_size):
+    inputs = tuple(self.data_cfg.get('inputs', ()))
+    for batch in self.input:
       local = {'image': batch['image'], 'labels': batch['labels'], 'mask': batch['mask'],
-               'ids': parallel.encode_strings(batch['image_id'])}
+               'ids': parallel.encode_strings(batch['image_id']),
+               **{k: batch[k] for k in inputs}}
       glob = parallel.to_global(local, self.mesh)
-      out = parallel.to_host({'probs': self.predict_fn(variables, glob['image']),
-                              'labels': glob['labels'], 'mask': glob['mask'],
-                              'ids': glob['ids']})
+      predicted = self.predict_fn(variables, glob['image'], **{k: glob[k] for k in inputs})
+      out = parallel.to_host({'probs': predicted, 'labels': glob['labels'],
+                              'mask': glob['mask'], 'ids': glob['ids']})
       keep = out['mask'] > 0
       ids.extend(parallel.decode_strings(out['ids'][keep]))
       labels.append(out['labels'][keep])
@@ -68,8 +91,14 @@ class ClassificationEvaluator:
     return Predictions(ids, np.concatenate(labels).astype(np.float32),
                        np.concatenate(probs).astype(np.float32))
 
+  def metrics(self, preds: Predictions, threshold: Any = None) -> dict[str, Any]:
+    """Metrics of `preds` at `threshold` (default: the evaluator's, resolved on `preds`)."""
+    if threshold is None:
+      threshold = resolve_thresholds(self.threshold, self.threshold_rule, preds.labels,
+                                     preds.probs)
+    return evaluate.compute_metrics(preds.labels, preds.probs, self.class_names,
+                                    threshold=threshold)
+
   def run(self, variables: Any) -> tuple[dict[str, Any], Predictions]:
     preds = self.predict(variables)
-    metrics = evaluate.compute_metrics(preds.labels, preds.probs, self.class_names,
-                                       threshold=self.threshold)
-    return metrics, preds
+    return self.metrics(preds), preds

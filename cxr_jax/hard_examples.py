@@ -10,22 +10,19 @@ B is a set of samples (images), so by default an image enters B once however man
 positive classes were missed (`copies='per_image'`); `copies='per_pair'` adds one copy per
 missed class instead (an image missed on two diseases appears three times in C).
 
-`mine_stage` writes `hard_examples.json` ({'copies': {image_id: extra copies}, per-class counts,
-...}); the `train_hard_examples` stage (cxr_jax/stages.py) trains on it through
-`config.data.extra_copies` (cxr_jax/data/pipeline.py).
+The `mine_hard_examples` stage (cxr_jax/stages/evaluation.py) writes `summary`'s JSON
+({'copies': {image_id: extra copies}, per-class counts, ...}); the `train_hard_examples` stage
+(cxr_jax/stages/training.py) trains on it through `config.data.extra_copies`
+(cxr_jax/data/pipeline.py).
 """
 
 import collections
 from collections.abc import Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
-from absl import logging
-from etils import epath
 
 COPIES = ('per_image', 'per_pair')
-HARD_EXAMPLES = 'hard_examples.json'
 
 
 def hard_positives(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -63,36 +60,3 @@ def summary(image_ids: Sequence[str], labels: np.ndarray, hard: np.ndarray,
                     for i, c in enumerate(class_names)},
       'copies': copies,
   }
-
-
-def mine_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Scores the train split with `config.hard_examples.source_stage`'s best model (eval
-  preprocessing) and writes `mine_hard_examples/hard_examples.json`."""
-  import jax
-
-  from cxr_jax import parallel, train
-  from cxr_jax.evaluators import EVALUATORS
-  from cxr_jax.io_utils import atomic_write_json
-
-  cfg = config.hard_examples
-  source = workdir / cfg.source_stage
-  model, variables = train.restore_best_variables(source)
-  info = train.load_model_info(source)
-  class_names = tuple(info['class_names'])
-  evaluator = EVALUATORS.get(config.evaluator)(
-      train.make_predict_fn(model), config.data, config.data.train_split,
-      batch_size=config.eval_batch_size, mesh=parallel.make_mesh(), class_names=class_names)
-  preds = evaluator.predict(variables)
-  hard = hard_positives(preds.labels, preds.probs, cfg.threshold)
-  copies = extra_copies(preds.image_ids, hard, cfg.copies)
-  result = summary(preds.image_ids, preds.labels, hard, class_names, copies,
-                   threshold=cfg.threshold, mode=cfg.copies)
-  if jax.process_index() == 0:
-    atomic_write_json(str(workdir / 'mine_hard_examples' / HARD_EXAMPLES), result)
-  if jax.process_count() > 1:  # stage 2 on every host reads the file the chief just wrote
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices('mine_hard_examples')
-  lines = [f'{c}: {v["hard"]}/{v["positives"]}' for c, v in result['per_class'].items()]
-  logging.info('Hard positives (missed/positives) per class on %s (%d images): %s. Set B: %d '
-               'images; set C: %d examples.', config.data.train_split, len(preds.image_ids),
-               ', '.join(lines), result['num_images_b'], result['num_examples_c'])

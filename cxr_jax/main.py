@@ -48,16 +48,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  # TensorFlow only feeds data: keep it off the accelerators JAX uses.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')
+  from cxr_jax.data import tf_devices
+  tf_devices.hide_accelerators()  # TensorFlow only feeds data: keep it off JAX's accelerators.
   import jax
 
   from cxr_jax import config_lib, stages
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   config = _CONFIG.value
-  config_lib.validate(config)
+  config_lib.validate(config, stage_names=stages.STAGES)
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS['config']))
   logging.info('JAX %s, %d process(es), devices: %s', jax.__version__, jax.process_count(),

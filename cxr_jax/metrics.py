@@ -363,3 +363,56 @@ def best_thresholds(
     scores = 2 * tp / (predicted + n_pos)
     out[k] = candidates[int(np.argmax(scores))]
   return out
+
+
+def youden_thresholds(
+    y_true: np.ndarray, y_prob: np.ndarray, default: float = 0.5
+) -> np.ndarray:
+  """Per-class thresholds maximising Youden's J = sensitivity + specificity - 1.
+
+  For class k the ROC curve's points are the decision sets `y_prob[:, k] > t`; the threshold
+  returned is the midpoint between the probabilities on either side of the best point (as in
+  `best_thresholds`). Ties go to the lowest threshold. Classes with only one label value keep
+  `default`.
+
+  Args:
+    y_true: [N, K] 0/1 labels (validation set).
+    y_prob: [N, K] probabilities.
+    default: threshold for classes without both label values.
+
+  Returns:
+    float64 [K] thresholds in [0, 1].
+  """
+  y_true, y_prob = check_inputs(y_true, y_prob)
+  n, k_classes = y_true.shape
+  out = np.full((k_classes,), float(default))
+  for k in range(k_classes):
+    n_pos = int(y_true[:, k].sum())
+    if n_pos in (0, n):
+      continue
+    order = np.argsort(y_prob[:, k], kind='stable')
+    p_sorted, pos_sorted = y_prob[order, k], y_true[order, k]
+    values = np.unique(p_sorted)
+    candidates = (values[:-1] + values[1:]) / 2
+    if values[0] > 0:
+      candidates = np.concatenate([[values[0] / 2], candidates])
+    if candidates.size == 0:
+      continue
+    n_neg_pred = np.searchsorted(p_sorted, candidates, side='right')
+    pos_below = np.concatenate([[0], np.cumsum(pos_sorted)])[n_neg_pred]
+    tpr = (n_pos - pos_below) / n_pos
+    fpr = ((n - n_neg_pred) - (n_pos - pos_below)) / (n - n_pos)
+    out[k] = candidates[int(np.argmax(tpr - fpr))]
+  return out
+
+
+# Rules for choosing per-class thresholds on validation data (config.threshold_rule).
+THRESHOLD_RULES = {'max_f1': best_thresholds, 'youden': youden_thresholds}
+
+
+def choose_thresholds(y_true: np.ndarray, y_prob: np.ndarray, rule: str = 'max_f1'
+                      ) -> np.ndarray:
+  """Per-class thresholds [K] by `rule` ('max_f1' or 'youden'), on validation data."""
+  if rule not in THRESHOLD_RULES:
+    raise ValueError(f'threshold rule {rule!r}; valid: {", ".join(THRESHOLD_RULES)}')
+  return THRESHOLD_RULES[rule](y_true, y_prob)

@@ -568,9 +568,6 @@ def load(path: str | epath.PathLike, *, source: str = 'torchvision', arch: str,
 # ----------------------------------------------------------------------------------------------
 # Imported checkpoints (written by cxr_jax.tools.import_weights).
 
-IMPORT_META = 'import.json'
-
-
 def sha256(path: str | epath.PathLike) -> str:
   h = hashlib.sha256()
   with epath.Path(path).open('rb') as f:
@@ -596,52 +593,31 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
 
 def save_checkpoint(directory: str | epath.PathLike, model: nn.Module, variables: Variables,
                     meta: dict[str, Any], *, overwrite: bool = False) -> epath.Path:
-  """Writes `variables` (orbax) and `import.json` to `directory`, atomically.
+  """Writes imported `variables` and their description (with the model's name and config) to
+  `directory`, atomically (`checkpoints.save_imported`)."""
+  from cxr_jax import checkpoints
 
-  Everything goes to `<directory>.tmp` first and is renamed at the end, so a crash never
-  leaves a half-written `directory`. A non-empty `directory` is refused unless `overwrite`.
-  """
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
-  directory = epath.Path(directory).absolute()
-  if directory.exists() and any(directory.iterdir()):
-    if not overwrite:
-      raise FileExistsError(f'{directory} exists and is not empty (pass --overwrite)')
-  tmp = directory.parent / (directory.name + '.tmp')
-  if tmp.exists():
-    tmp.rmtree()
-  tmp.mkdir(parents=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp / 'variables', jax.tree.map(np.asarray, variables))
-    ckptr.wait_until_finished()
   model_name = next((n for n in MODELS.names() if MODELS.get(n) is type(model)), None)
   meta = {**meta, 'model': model_name, 'model_config': _model_config(model)}
-  (tmp / IMPORT_META).write_text(json.dumps(meta, indent=2) + '\n')
-  if directory.exists():
-    directory.rmtree()
-  tmp.rename(directory)
-  return directory
+  return checkpoints.save_imported(directory, variables, meta, overwrite=overwrite)
 
 
 def load_checkpoint(directory: str | epath.PathLike) -> tuple[nn.Module, Variables]:
   """Reads a directory written by `save_checkpoint` / the import CLI: (model, variables).
 
-  `import.json` also lists `head_paths`, the leaves initialised rather than imported, for
+  The description also lists `head_paths`, the leaves initialised rather than imported, for
   `merge_pretrained(..., skip=meta['head_paths'])`.
   """
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from cxr_jax import checkpoints
 
-  directory = epath.Path(directory).absolute()
-  meta = read_meta(directory)
+  meta, variables = checkpoints.load_imported(directory)
   cfg = dict(meta['model_config'])
   dtype = jnp.dtype(cfg.pop('dtype', 'float32'))
   for k, v in cfg.items():
     if isinstance(v, list):  # JSON turned tuples into lists; linen fields must be hashable
       cfg[k] = _to_tuple(v)
   model = MODELS.get(meta['model'])(dtype=dtype, **cfg)
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(directory / 'variables')
-  return model, jax.tree.map(np.asarray, variables)
+  return model, variables
 
 
 def _to_tuple(v: Any) -> Any:
@@ -649,4 +625,7 @@ def _to_tuple(v: Any) -> Any:
 
 
 def read_meta(directory: str | epath.PathLike) -> dict[str, Any]:
-  return json.loads((epath.Path(directory) / IMPORT_META).read_text())
+  """The description of an imported-weights folder (`checkpoints.read_imported_meta`)."""
+  from cxr_jax import checkpoints
+
+  return checkpoints.read_imported_meta(directory)

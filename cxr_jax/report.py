@@ -6,8 +6,9 @@ r"""Compare finished runs side by side: paper 001's Table 1 (per-class AUROC) ac
       [--all-models]
 
 Each workdir is a run of `python -m cxr_jax.main` whose `evaluate` stage has finished: the
-metrics of a model are read from `<workdir>/evaluate/<stage>/metrics_<split>.json`, for the
-stages of `<workdir>/config.json`'s `report_models` ([[stage, label], ...]). By default a run
+metrics of a model are those its evaluate stage wrote for the split (file layout:
+cxr_jax/layout.py), for the stages of the run's saved config's `report_models` ([[stage,
+label], ...]). By default a run
 contributes one column, its LAST report_models entry (the method's own model; earlier entries
 are its baselines); --all-models gives one column per entry, labelled
 '<workdir label>: <model label>' (workdir label = the workdir's folder name).
@@ -22,19 +23,19 @@ Printed to stdout (Markdown):
   AUROC to 4 decimals, then 'Average' (the run's mean_auroc: mean over its classes with a
   defined AUROC). The best value of each row is bold (ties: all bold).
 - Summary metrics in a second table: F1 and binary accuracy at the models' thresholds.
-- Localisation tables (`cxr_jax.explain.localization.markdown_tables`) for the columns whose
-  `<workdir>/localize/<stage>/localization.json` exists.
+- Localisation tables (`cxr_jax.reporting.localization_markdown`) for the columns whose
+  localize stage ran.
 
 With --out=DIR, also written (all or nothing, after everything has been computed):
 - DIR/comparison.md: the Markdown above;
 - DIR/comparison.csv: long format, header run,class,metric,value: one 'auroc' row per (run,
   class) and one row per summary metric (class empty; metrics of evaluate.SCALAR_METRICS and
   num_examples); an undefined value is an empty cell; floats at full precision;
-- DIR/localization.csv (`localization.csv_table`) when some column has localisation results;
+- DIR/localization.csv (`reporting.localization_csv`) when some column has localisation results;
   a stale one from an earlier comparison is removed otherwise, so that DIR is consistent.
 
 Exit status: 0 done; 2 usage errors (one line on stderr naming the file and what was expected):
-missing workdir, config.json or metrics file, malformed JSON, wrong --labels count.
+missing workdir, saved config or metrics file, malformed JSON, wrong --labels count.
 """
 
 import argparse
@@ -49,7 +50,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_jax import evaluate
+from cxr_jax import evaluate, layout, reporting
+from cxr_jax.io_utils import atomic_write_files
 
 CSV_HEADER = ('run', 'class', 'metric', 'value')
 SUMMARY_CSV_METRICS = (*evaluate.SCALAR_METRICS, 'num_examples')
@@ -76,7 +78,7 @@ class Column:
     model_label: the stage's label in the run's report_models.
     metrics: the `evaluate.compute_metrics` dict read from `metrics_path`.
     metrics_path: where `metrics` was read from.
-    localization: the run's localization.json for this stage, or None if it has none.
+    localization: the run's localisation results for this stage, or None if it has none.
   """
 
   label: str
@@ -113,7 +115,7 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _report_models(config: Any, path: Path) -> list[tuple[str, str]]:
-  """config.json's report_models as [(stage, label)], checked."""
+  """The saved config's report_models as [(stage, label)], checked."""
   entries = config.get('report_models') if isinstance(config, dict) else None
   ok = isinstance(entries, list) and entries and all(
       isinstance(e, list) and len(e) == 2 and all(isinstance(s, str) and s for s in e)
@@ -148,8 +150,8 @@ def load_run(workdir: str | os.PathLike[str], split: str = 'test',
   """The columns one run contributes: its last report_models entry, or all of them.
 
   Args:
-    workdir: a run folder of `python -m cxr_jax.main` (holding config.json and evaluate/).
-    split: the eval split name (metrics_<split>.json).
+    workdir: a run folder of `python -m cxr_jax.main` (its config and evaluate stage).
+    split: the eval split name.
     all_models: one column per report_models entry instead of the last one only.
 
   Returns:
@@ -157,14 +159,15 @@ def load_run(workdir: str | os.PathLike[str], split: str = 'test',
     `assign_labels` for collisions and overrides.
 
   Raises:
-    ReportError: a missing workdir, config.json or metrics file, or malformed JSON.
+    ReportError: a missing workdir, saved config or metrics file, or malformed JSON.
   """
   root = Path(workdir)
   if not root.is_dir():
     raise ReportError(f'{root}: no such run folder; expected a workdir of python -m cxr_jax.main.')
-  config_path = root / 'config.json'
+  run = layout.Run(root)
+  config_path = Path(run.config_file)
   if not config_path.is_file():
-    raise ReportError(f'{config_path}: not found; expected the config.json that '
+    raise ReportError(f'{config_path}: not found; expected the config that '
                       f'python -m cxr_jax.main writes into its workdir.')
   config = _read_json(config_path, 'the run config (JSON object)')
   entries = _report_models(config, config_path)
@@ -173,7 +176,7 @@ def load_run(workdir: str | os.PathLike[str], split: str = 'test',
   run_label = _basename(workdir)
   columns = []
   for stage, model_label in entries:
-    path = root / 'evaluate' / stage / f'metrics_{split}.json'
+    path = Path(run.metrics_file(stage, split))
     if not path.is_file():
       raise ReportError(
           f'{path}: not found; expected the {split!r} metrics of stage {stage!r}; '
@@ -181,7 +184,7 @@ def load_run(workdir: str | os.PathLike[str], split: str = 'test',
           f'makes it.')
     metrics = _read_json(path, f'the {split!r} metrics of stage {stage!r}')
     _check_metrics(metrics, path)
-    loc_path = root / 'localize' / stage / 'localization.json'
+    loc_path = Path(run.localization_file(stage))
     localization = None
     if loc_path.exists():
       localization = _read_json(loc_path, f'the localisation results of stage {stage!r}')
@@ -311,7 +314,7 @@ def auroc_table(columns: Sequence[Column]) -> str:
     rows.append(_bold_best_row(c, values, missing, f'.{_DIGITS}f'))
   rows.append(_bold_best_row('Average', [col.metrics['mean_auroc'] for col in columns],
                              [False] * len(columns), f'.{_DIGITS}f'))
-  return evaluate._md_table(['Class', *(col.label for col in columns)], rows)
+  return reporting.md_table(['Class', *(col.label for col in columns)], rows)
 
 
 def summary_table(columns: Sequence[Column]) -> str:
@@ -323,7 +326,7 @@ def summary_table(columns: Sequence[Column]) -> str:
                      f'.{_DIGITS}f')
       for name, key in ((f1_name, 'f1'), ('Binary accuracy', 'binary_accuracy'))
   ]
-  return evaluate._md_table(['Metric', *(col.label for col in columns)], rows)
+  return reporting.md_table(['Metric', *(col.label for col in columns)], rows)
 
 
 def _column_note(col: Column) -> str:
@@ -349,13 +352,12 @@ def comparison_table(columns: Sequence[Column], split: str = 'test') -> str:
            '## Columns', '', *(_column_note(col) for col in columns), '']
   located = _localization_results(columns)
   if located:
-    from cxr_jax.explain import localization  # imported only when some run has the results
 
     absent = [col.label for col in columns if col.localization is None]
     if absent:
       parts += [f'No localisation results for: {", ".join(absent)}.', '']
-    # markdown_tables brings its own '##' headings (accuracy at T(IoU), mean IoU, T(IoBB)).
-    parts += [localization.markdown_tables(located).rstrip('\n'), '']
+    # localization_markdown brings its own '##' headings (accuracy at T(IoU), mean IoU, T(IoBB)).
+    parts += [reporting.localization_markdown(located).rstrip('\n'), '']
   return '\n'.join(parts)
 
 
@@ -385,25 +387,24 @@ def comparison_csv(columns: Sequence[Column]) -> str:
 
 
 def localization_csv(columns: Sequence[Column]) -> str | None:
-  """`localization.csv_table` of the columns that have localisation results, else None."""
+  """`reporting.localization_csv` of the columns that have localisation results, else None."""
   located = _localization_results(columns)
   if not located:
     return None
-  from cxr_jax.explain import localization
 
-  return localization.csv_table(located)
+  return reporting.localization_csv(located)
 
 
 def write_outputs(out_dir: str | os.PathLike[str], files: Mapping[str, str | None]) -> list[Path]:
   """Writes {name: text} into out_dir all or nothing; a None text removes a stale file.
 
   Every file is staged first and renamed into place only when all are written
-  (evaluate._write_atomically), so a failure leaves the previous comparison untouched.
+  (cxr_jax/io_utils.py), so a failure leaves the previous comparison untouched.
   """
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   texts = {name: text for name, text in files.items() if text is not None}
-  evaluate._write_atomically(out, {name: (lambda t=t: t.encode()) for name, t in texts.items()})
+  atomic_write_files({out / name: text for name, text in texts.items()})
   for name, text in files.items():
     if text is None:
       (out / name).unlink(missing_ok=True)

@@ -8,7 +8,6 @@ cxr_jax/train_step.py.
 import dataclasses
 import fnmatch
 import itertools
-import json
 import math
 import time
 from typing import Any
@@ -21,33 +20,22 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from cxr_jax import checkpoints, evaluate, losses, optim, parallel
+from cxr_jax import checkpoints, evaluate, layout, losses, optim, parallel
 from cxr_jax.data import pipeline
 from cxr_jax.evaluators import EVALUATORS
-from cxr_jax.io_utils import atomic_write_json
+from cxr_jax.inference import run as run_lib
 from cxr_jax.models import build_model
 from cxr_jax.train_step import TrainState, create_train_state, make_predict_fn, make_train_step
 
-MODEL_INFO = 'model.json'
 
-
-def steps_per_epoch(config: ml_collections.ConfigDict) -> float:
-  """Global steps of one pass over the (filtered, extra-copied) train split."""
-  n = pipeline.make_eval_iter(config.data, config.data.train_split,
-                              global_batch_size=config.batch_size).num_examples
-  if config.data.get('extra_copies'):
-    n += sum(pipeline.load_extra_copies(config.data.extra_copies).values())
-  return n * jax.process_count() / config.batch_size
-
-
-def num_train_steps(config: ml_collections.ConfigDict, epoch_steps: float | None = None) -> int:
+def num_train_steps(config: ml_collections.ConfigDict, epoch_steps: float) -> int:
   """config.num_train_steps if > 0, else config.num_epochs over the (filtered) train split
-  (`epoch_steps`: `steps_per_epoch(config)` if the caller has it already)."""
+  (`epoch_steps`: global steps in one pass over it)."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   if config.num_epochs <= 0:
     raise ValueError('Set config.num_train_steps or config.num_epochs to a positive number.')
-  return max(1, math.ceil(config.num_epochs * (epoch_steps or steps_per_epoch(config))))
+  return max(1, math.ceil(config.num_epochs * epoch_steps))
 
 
 def _scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -60,34 +48,36 @@ def _scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path) -> None:
+def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
+                       ) -> dict[str, float]:
   """Trains `config.model` on `config.data`, resuming from `stage_dir` if it holds checkpoints.
 
-  Writes `stage_dir/checkpoints/` (last N), `stage_dir/best/` (best by
-  `config.best_metric` on the validation split) and TensorBoard events in `stage_dir/logs/`.
+  Writes the last N checkpoints, the best one (by `config.best_metric` on the validation split),
+  TensorBoard events and the model description into `stage_dir` (cxr_jax/layout.py).
+
+  Returns where the wall time went, in seconds: {'setup', 'steps' (the train steps with their
+  input, first compilation included), 'evaluation', 'checkpoints', 'wrap_up' (after the last
+  step), 'total'}; also logged.
   """
+  t_start = time.time()
+  timing = {'setup': 0.0, 'steps': 0.0, 'evaluation': 0.0, 'checkpoints': 0.0, 'wrap_up': 0.0}
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
+  stage = layout.StageDir(stage_dir)
   weights = config.init_from.checkpoint
-  if weights and not (epath.Path(weights) / 'import.json').exists():
+  if weights and not layout.imported_weights_ready(weights):
     raise FileNotFoundError(
-        f'config.init_from.checkpoint={weights!r}: no imported weights there (import.json '
-        'missing). Convert the file you downloaded with `python -m cxr_jax.tools.import_weights '
-        f'--source=torchvision --arch=... --input=FILE --output={weights}` (WORKSPACE.md), or '
-        "train from scratch with --config.init_from.checkpoint=''.")
+        f'config.init_from.checkpoint={weights!r}: no imported weights there. Convert the file '
+        'you downloaded with `python -m cxr_jax.tools.import_weights --source=torchvision '
+        f'--arch=... --input=FILE --output={weights}` (WORKSPACE.md), or train from scratch '
+        "with --config.init_from.checkpoint=''.")
   class_names = tuple(config.data.classes)
   model = build_model(config.model, num_classes=len(class_names), dtype=config.dtype,
                       bn_axis_name=parallel.DATA_AXIS)
-  # Counting the train split is a pass over it: done once, only when something needs it.
-  epoch_steps = (steps_per_epoch(config) if config.num_train_steps <= 0 or
-                 config.optimizer.schedule.get('boundary_epochs') else None)
-  total_steps = num_train_steps(config, epoch_steps)
-  tx = optim.build_optimizer(config.optimizer, total_steps, epoch_steps)
-  step_fn = make_train_step(model, tx, losses.get_loss(config.loss), mesh)
   evaluator = EVALUATORS.get(config.evaluator)(
       make_predict_fn(model), config.data, config.data.eval_splits.validation,
       batch_size=config.eval_batch_size, mesh=mesh, class_names=class_names,
-      threshold=config.threshold)
+      threshold=config.threshold, threshold_rule=config.get('threshold_rule', 'max_f1'))
 
   root_key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(root_key)
@@ -95,25 +85,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
   first = True
   meta = {'best_value': None, 'best_step': None, 'plateau': {}}
   writer = metric_writers.create_default_writer(
-      str(stage_dir / 'logs'), just_logging=jax.process_index() > 0)
+      str(stage.logs_dir), just_logging=jax.process_index() > 0)
   try:
     latest = ckpt.latest_step()
     start_step = latest or 0
-    # The iterator starts where the run resumes; its first batch sizes the model and is then
-    # trained on like every other.
-    train_iter = pipeline.make_train_iter(config.data, global_batch_size=config.batch_size,
-                                          seed=config.seed, start_step=start_step)
-    first_batch = next(train_iter)
-    train_iter = itertools.chain([first_batch], train_iter)
+    # The iterator starts where the run resumes; it counts the (filtered) split once, which
+    # sizes epochs; its first batch sizes the model and is then trained on like every other.
+    train_input = pipeline.make_train_iter(config.data, global_batch_size=config.batch_size,
+                                           seed=config.seed, start_step=start_step)
+    epoch_steps = train_input.num_examples_global / config.batch_size
+    total_steps = num_train_steps(config, epoch_steps)
+    tx = optim.build_optimizer(config.optimizer, total_steps, epoch_steps)
+    step_fn = make_train_step(model, tx, losses.get_loss(config.loss), mesh,
+                              target=config.data.get('target', 'labels'),
+                              inputs=tuple(config.data.get('inputs', ())))
+    first_batch = next(train_input)
+    train_iter = itertools.chain([first_batch], train_input)
     image_shape = tuple(int(d) for d in first_batch['image'].shape[1:])
-    state = create_train_state(model, tx, image_shape, init_key, mesh)
+    extra_shapes = {k: tuple(first_batch[k].shape[1:]) for k in config.data.get('inputs', ())}
+    state = create_train_state(model, tx, image_shape, init_key, mesh, extra_shapes)
     if jax.process_index() == 0:
-      # What later stages and `predict` need to rebuild the model without the data.
-      atomic_write_json(str(stage_dir / MODEL_INFO), {
-          'image_shape': image_shape, 'class_names': class_names,
-          'model': config.model.to_dict(), 'dtype': config.dtype,
-          'optimizer': config.optimizer.to_dict(), 'threshold': config.threshold,
-          'pp_eval': config.data.pp_eval, 'data': config.data.name})
+      # What inference (later stages, `predict`, the viewer) needs to rebuild the model without
+      # the config or the data: cxr_jax/inference/run.py's ModelInfo.
+      info = run_lib.ModelInfo(
+          image_shape=image_shape, class_names=class_names, model=config.model.to_dict(),
+          dtype=config.dtype, threshold=config.threshold,
+          threshold_rule=config.get('threshold_rule', 'max_f1'), pp_eval=config.data.pp_eval,
+          data=config.data.name, num_train_examples=train_input.num_examples_global,
+          inputs=extra_shapes)
+      stage.write_model_info({**info.to_json(), 'optimizer': config.optimizer.to_dict()})
     if latest is not None:
       state, meta = ckpt.restore_latest(state)
       if int(state.step) != start_step:
@@ -131,9 +131,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
     logging.info('Training %s for %d steps (global batch %d on %d devices).',
                  config.model.name, total_steps, config.batch_size, mesh.devices.size)
     t0, t_step = time.time(), start_step
+    timing['setup'] = t0 - t_start
     for step in range(start_step + 1, total_steps + 1):
+      t_in = time.time()
       batch = parallel.to_global(next(train_iter), mesh)
       state, train_metrics = step_fn(state, batch, step_key)
+      if step == total_steps:
+        jax.block_until_ready(state)  # the last step's time is the step's, not the wrap-up's
+      timing['steps'] += time.time() - t_in
       if first:
         first = False
         logging.info('First step compiled and ran in %.1fs.', time.time() - t0)
@@ -151,6 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
       is_eval = step % config.eval_every_steps == 0 or step == total_steps
       is_best = False
       if is_eval:
+        t_eval = time.time()
         metrics, _ = evaluator.run(state.variables())
         value = evaluate.select_metric(metrics, config.best_metric)
         writer.write_scalars(step, _scalars('validation/', metrics))
@@ -175,44 +181,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path)
             logging.info('Plateau on %s: learning rate x%g (scale now %g).',
                          plateau_cfg.metric, factor, scale)
           meta['plateau'] = dataclasses.asdict(plateau)
+        timing['evaluation'] += time.time() - t_eval
       if step % config.checkpoint_every_steps == 0 or step == total_steps or is_best:
+        t_ckpt = time.time()
         ckpt.save(step, state, dict(meta), best=is_best)
+        timing['checkpoints'] += time.time() - t_ckpt
+    t_end = time.time()
     writer.flush()
   finally:
     ckpt.wait()
     ckpt.close()
     writer.close()
-
-
-def load_model_info(stage_dir: epath.Path) -> dict[str, Any]:
-  """The model.json a training stage writes: image shape, classes, model and optimiser config."""
-  info_path = epath.Path(stage_dir) / MODEL_INFO
-  if not info_path.exists():
-    raise FileNotFoundError(f'{info_path} not found: run the training stage {stage_dir.name!r} '
-                            'of this workdir first.')
-  return json.loads(info_path.read_text())
-
-
-def restore_best_variables(stage_dir: epath.Path) -> tuple[nn.Module, dict[str, Any]]:
-  """(model, variables) of the best checkpoint written by `train_and_evaluate` in `stage_dir`.
-
-  Everything needed to rebuild the model is read from `stage_dir/model.json`, so this works
-  without the config that trained it (e.g. from `python -m cxr_jax.predict`).
-  """
-  stage_dir = epath.Path(stage_dir)
-  info = load_model_info(stage_dir)
-  mesh = parallel.make_mesh()
-  model = build_model(ml_collections.ConfigDict(info['model']),
-                      num_classes=len(info['class_names']), dtype=info['dtype'])
-  # Only the optimiser state's structure matters here, not its schedule's values.
-  tx = optim.build_optimizer(ml_collections.ConfigDict(info['optimizer']), 1, steps_per_epoch=1.0)
-  target = create_train_state(model, tx, tuple(info['image_shape']), jax.random.key(0), mesh)
-  ckpt = checkpoints.Checkpoints(stage_dir)
-  try:
-    state, _ = ckpt.restore_best(target)
-  finally:
-    ckpt.close()
-  return model, state.variables()
+  timing['wrap_up'] = time.time() - t_end
+  timing['total'] = time.time() - t_start
+  logging.info('%s: %.1fs in all: set-up %.1fs, steps %.1fs, evaluation %.1fs, checkpoints '
+               '%.1fs, wrap-up %.1fs.', stage.name, timing['total'], timing['setup'],
+               timing['steps'], timing['evaluation'], timing['checkpoints'], timing['wrap_up'])
+  return timing
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -272,7 +257,10 @@ def init_from_stage(state: TrainState, source_dir: epath.Path, target: str) -> T
   Strict: every parameter and statistic of the target subtree must come from the source with
   the same shape; the error lists what is missing, unexpected or mis-shaped.
   """
-  _, variables = restore_best_variables(source_dir)
+  info = run_lib.read_model_info(source_dir)
+  model = run_lib.build(info)
+  variables, _ = checkpoints.restore_variables(
+      source_dir, run_lib.abstract_variables(model, info.image_shape, info.inputs))
   new = {}
   for collection in ('params', 'batch_stats'):
     dest = getattr(state, collection)

@@ -38,13 +38,16 @@ class TrainState:
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        image_shape: tuple[int, ...], key: jax.Array,
-                       mesh: jax.sharding.Mesh) -> TrainState:
-  """Initialises parameters for images of `image_shape` [H, W, C], replicated over `mesh`."""
+                       mesh: jax.sharding.Mesh,
+                       extra_shapes: dict[str, tuple[int, ...]] | None = None) -> TrainState:
+  """Initialises parameters for images of `image_shape` [H, W, C] (and the model's extra
+  inputs of `extra_shapes`, per example), replicated over `mesh`."""
 
   @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
   def init(key):
+    extra = {k: jnp.zeros((1, *shape)) for k, shape in (extra_shapes or {}).items()}
     variables = model.init({'params': key, 'dropout': key}, jnp.zeros((1, *image_shape)),
-                           train=False)
+                           train=False, **extra)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
@@ -53,16 +56,20 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    loss_fn: losses.LossFn, mesh: jax.sharding.Mesh
+                    loss_fn: losses.LossFn, mesh: jax.sharding.Mesh, *,
+                    target: str = 'labels', inputs: tuple[str, ...] = ()
                     ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """Returns jit(step)(state, batch, key) -> (state, metrics); the state is donated.
 
-  `batch` holds global arrays 'image' [B, H, W, C] and 'labels' [B, K] sharded over `data`.
+  `batch` holds global arrays sharded over `data`: 'image' [B, H, W, C], the loss's `target`
+  (e.g. 'labels' [B, K]) and the model's extra `inputs` (passed to the model by name).
+  Losses see the local shard; one that needs global batch statistics (counts over the whole
+  batch) computes them with collectives over `parallel.DATA_AXIS` (`losses.LossFn`).
   """
   axis = parallel.DATA_AXIS
 
-  def per_device(params, batch_stats, images, labels, key):
+  def per_device(params, batch_stats, images, targets, extra, key):
     key = jax.random.fold_in(key, lax.axis_index(axis))
 
     def loss_of(params):
@@ -70,24 +77,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       if batch_stats:
         variables['batch_stats'] = batch_stats
       logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
-                                    rngs={'dropout': key})
+                                    rngs={'dropout': key}, **extra)
       # Differentiate the pmean'd loss: the gradient w.r.t. the replicated parameters is then
       # the global-batch gradient (a local loss would come back summed over `data`).
-      loss = lax.pmean(jnp.mean(loss_fn(logits, labels)), axis)
+      loss = lax.pmean(jnp.mean(loss_fn(logits, targets)), axis)
       return loss, updates.get('batch_stats', {})
 
     (loss, new_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     return loss, grads, new_stats
 
   sharded_grads = jax.shard_map(
-      per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P()),
+      per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P(axis), P()),
       out_specs=(P(), P(), P()))
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
     key = jax.random.fold_in(key, state.step)
     loss, grads, batch_stats = sharded_grads(state.params, state.batch_stats, batch['image'],
-                                             batch['labels'], key)
+                                             batch[target], {k: batch[k] for k in inputs}, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -97,6 +104,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return step
 
 
-def make_predict_fn(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
-  """(variables, images [B, H, W, C]) -> sigmoid probabilities [B, K]."""
-  return lambda variables, images: jax.nn.sigmoid(model.apply(variables, images, train=False))
+def make_predict_fn(model: nn.Module) -> Callable[..., jax.Array]:
+  """(variables, images [B, H, W, C], **extra inputs) -> sigmoid probabilities [B, K]."""
+  return lambda variables, images, **extra: jax.nn.sigmoid(
+      model.apply(variables, images, train=False, **extra))

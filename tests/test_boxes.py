@@ -2,6 +2,7 @@
 
 import inspect
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -143,8 +144,8 @@ def test_settings_from_config_and_validation():
   assert s.threshold == 1.0 and isinstance(s.threshold, float) and s.mode == 'all'
   assert BoxSettings.from_config(s.to_dict()) == s
   assert s.to_dict() == {'threshold': 1.0, 'normalize': 'minmax', 'mode': 'all',
-                         'min_area': 0.0, 'connectivity': 4}
-  ml_collections = pytest.importorskip('ml_collections')
+                         'min_area': 0.0, 'connectivity': 4,
+                         'thresholds': (60 / 255, 180 / 255)}
   assert BoxSettings.from_config(ml_collections.ConfigDict({'mode': 'peak'})).mode == 'peak'
   cases = [
       ({'thresh': 0.5}, r'config\.localize\.boxes\.thresh: unknown key; valid keys: threshold'),
@@ -163,3 +164,84 @@ def test_settings_from_config_and_validation():
   assert BoxSettings.from_config({'threshold': 1.5, 'normalize': 'none'}).threshold == 1.5
   with pytest.raises(ValueError, match=r'BoxSettings\.mode'):
     BoxSettings(mode='x')
+
+
+def _wang_map() -> np.ndarray:
+  """A map in [0, 255] (Wang et al.'s scale): a wide halo at 100 around a core at 200, and a
+  separate blob at 100 that only the low threshold (60) finds."""
+  heat = np.zeros((20, 30))
+  heat[2:12, 2:14] = 100.0  # halo: rows 2..11, cols 2..13
+  heat[5:8, 6:9] = 200.0  # core: rows 5..7, cols 6..8
+  heat[15:17, 20:23] = 100.0  # second blob: 2 x 3 = 6 px
+  heat[0, 29] = 255.0  # the maximum, so minmax maps 60 and 180 of 255 to 60/255, 180/255
+  return heat
+
+
+def test_multi_threshold_wang_boxes():
+  heat = _wang_map()
+  settings = BoxSettings(mode='multi_threshold')
+  assert settings.thresholds == pytest.approx((60 / 255, 180 / 255), rel=1e-15)
+  halo, blob, peak = (2.0, 2.0, 12.0, 10.0), (20.0, 15.0, 3.0, 2.0), (29.0, 0.0, 1.0, 1.0)
+  core = (6.0, 5.0, 3.0, 3.0)
+  # Threshold 60/255: halo (120 px), blob (6), peak pixel (1); then 180/255: core (9), peak.
+  # The peak pixel's box repeats at 180/255 and is kept once, at its first place.
+  assert heatmap_to_boxes(heat, settings) == [halo, blob, peak, core]
+  # Order by threshold from low to high, whatever the configured order.
+  assert heatmap_to_boxes(heat, BoxSettings(mode='multi_threshold',
+                                            thresholds=(180 / 255, 60 / 255))) == [
+      halo, blob, peak, core]
+  # min_area applies to every threshold's components: 6 / 600 = 0.01.
+  assert heatmap_to_boxes(heat, BoxSettings(mode='multi_threshold', min_area=0.01)) == [
+      halo, blob, core]
+  assert heatmap_to_boxes(heat, BoxSettings(mode='multi_threshold', min_area=0.011)) == [
+      halo, core]
+  # One threshold: mode 'all' at that threshold; 'threshold' itself is not used.
+  for t in (60 / 255, 180 / 255):
+    assert heatmap_to_boxes(heat, BoxSettings(mode='multi_threshold', thresholds=[t],
+                                              threshold=0.99)) == heatmap_to_boxes(
+        heat, BoxSettings(mode='all', threshold=t))
+  # Raw values: Wang et al.'s thresholds on a map already in [0, 255].
+  raw = BoxSettings(mode='multi_threshold', normalize='none', thresholds=(60, 180))
+  assert heatmap_to_boxes(heat, raw) == [halo, blob, peak, core]
+  assert heatmap_to_boxes(np.full((4, 4), 0.3), BoxSettings(mode='multi_threshold')) == []
+
+
+def test_multi_threshold_drops_exact_duplicates():
+  # A plateau: both thresholds give the same single component -> one box.
+  heat = _indicator((8, 8), (1, 2, 3, 4))
+  assert heatmap_to_boxes(heat, BoxSettings(mode='multi_threshold')) == [(1.0, 2.0, 3.0, 4.0)]
+  assert heatmap_to_boxes(heat, BoxSettings(mode='multi_threshold',
+                                            thresholds=(0.2, 0.2, 0.9))) == [(1.0, 2.0, 3.0, 4.0)]
+
+
+def test_thresholds_setting_from_config_and_validation():
+  s = BoxSettings.from_config({'mode': 'multi_threshold', 'thresholds': [0.25, 1]})
+  assert s.thresholds == (0.25, 1.0) and all(isinstance(t, float) for t in s.thresholds)
+  assert hash(s) == hash(BoxSettings(mode='multi_threshold', thresholds=(0.25, 1.0)))
+  assert BoxSettings.from_config(s.to_dict()) == s
+  assert BoxSettings(thresholds=[0.1]).thresholds == (0.1,)  # a list, made hashable
+  hash(BoxSettings(thresholds=[0.1]))
+  # config_lib's base config may have no 'thresholds': the default.
+  base = ml_collections.ConfigDict({'threshold': 0.5, 'normalize': 'minmax', 'mode': 'largest',
+                                    'min_area': 0.0, 'connectivity': 8})
+  assert BoxSettings.from_config(base) == BoxSettings()
+  base.thresholds = (0.2, 0.6)
+  assert BoxSettings.from_config(base).thresholds == (0.2, 0.6)
+  base.thresholds = [0.3]
+  assert BoxSettings.from_config(base).thresholds == (0.3,)
+  cases = [
+      ({'thresholds': ()}, r'config\.localize\.boxes\.thresholds=\(\): must be a non-empty'),
+      ({'thresholds': 0.5}, r'config\.localize\.boxes\.thresholds=0\.5: must be a non-empty'),
+      ({'thresholds': '0.5'}, r'config\.localize\.boxes\.thresholds'),
+      ({'thresholds': (0.2, 'x')}, r"thresholds=\(0\.2, 'x'\): 'x' is not a number"),
+      ({'thresholds': (0.2, True)}, r'True is not a number'),
+      ({'thresholds': (float('inf'),)}, r'inf is not finite'),
+      ({'thresholds': (60, 180)}, r'60 must be in \[0, 1\].*\(60/255, 180/255\)'),
+      ({'thresholds': (-0.1,)}, r'-0\.1 must be in \[0, 1\]'),
+  ]
+  for cfg, match in cases:
+    with pytest.raises(ValueError, match=match):
+      BoxSettings.from_config(cfg)
+  with pytest.raises(ValueError, match=r'BoxSettings\.thresholds'):
+    BoxSettings(thresholds=(2.0,))
+  assert BoxSettings(thresholds=(60, 180), normalize='none').thresholds == (60.0, 180.0)

@@ -20,8 +20,8 @@ def test_demo_command_end_to_end(phantom_data_dir, tmp_path):
           '--config.data.drop_no_finding=False', '--config.batch_size=8',
           '--config.eval_batch_size=8', '--config.num_train_steps=4',
           '--config.eval_every_steps=2', '--config.log_every_steps=1',
-          '--config.explain.num_images=1', '--config.explain.window=16',
-          '--config.explain.stride=16', '--config.explain.num_reference=4',
+          '--config.explain.num_images=1', '--config.explain.window=4',
+          '--config.explain.stride=4', '--config.explain.num_reference=4',
           '--config.explain.num_samples=2']
   out = _run(*args)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -40,6 +40,18 @@ def test_demo_command_end_to_end(phantom_data_dir, tmp_path):
   # Fig. 2: PDA heat maps of the explain stage, copied into the report and linked from it.
   heatmaps = sorted((report / 'heatmaps').glob('*.pda.png'))
   assert len(heatmaps) == 1 and f'](heatmaps/{heatmaps[0].name})' in table
+  # Explained images come from the test split (never trained on or selected with), and have
+  # ground-truth boxes; the report says which split.
+  index = json.loads((workdir / 'explain' / 'index.json').read_text())
+  assert index['split'] == 'test'
+  import tensorflow_datasets as tfds
+  test_ids = {ex['image_id'].decode() for ex in tfds.as_numpy(tfds.builder(
+      'cxr_phantom/tiny', data_dir=phantom_data_dir).as_dataset(split='test'))}
+  assert len(index['images']) == 1 and index['images'][0]['image_id'] in test_ids
+  assert "on 'test' split images (never trained on or selected with)" in table
+  # PDA's Laplace correction uses the training split's size (24 tiny phantom images).
+  info = json.loads((workdir / 'train_classifier' / 'model.json').read_text())
+  assert info['num_train_examples'] == 24
   assert (workdir / 'train_classifier' / 'best').is_dir()
   assert (workdir / 'train_classifier' / 'logs').is_dir()
   assert json.loads((workdir / 'config.json').read_text())['batch_size'] == 8

@@ -1,14 +1,29 @@
-"""Tests for cxr_jax.evaluate: metrics dicts, checkpoint-metric selection and report writers."""
+"""Tests for cxr_jax.evaluate (metrics dicts, checkpoint-metric selection) and the
+classification report of cxr_jax.reporting written atomically by cxr_jax.io_utils."""
 
 import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import pytest
 
 from cxr_jax import evaluate as E
 from cxr_jax import metrics as M
+from cxr_jax import reporting
+from cxr_jax.io_utils import atomic_write_files
+
+REPORT_FILES = {'metrics': 'metrics.json', 'markdown': 'report.md', 'roc': 'roc.png',
+                'confusion': 'confusion.png'}
+
+
+def write_report(report_dir, results, y_true, y_prob, classes, title):
+  """The classification report's files in report_dir, all or nothing (as the report stage)."""
+  produced = reporting.classification_files(results, y_true, y_prob, classes, title)
+  files = {os.path.join(report_dir, name): produced[kind] for kind, name in REPORT_FILES.items()}
+  atomic_write_files(files)
+  return {name: pathlib.Path(report_dir) / name for name in REPORT_FILES.values()}
 
 CLASSES = ('Atelectasis', 'Cardiomegaly', 'Effusion', 'Hernia')
 
@@ -148,8 +163,8 @@ def _table(md: str, first_header: str) -> list[list[str]]:
 
 def test_write_report_two_models(tmp_path, two_models):
   y, probs, results = two_models
-  paths = E.write_report(tmp_path / 'report', results, y, probs, CLASSES, 'Paper 000')
-  assert sorted(paths) == sorted(E.REPORT_FILES)
+  paths = write_report(tmp_path / 'report', results, y, probs, CLASSES, 'Paper 000')
+  assert sorted(paths) == sorted(REPORT_FILES.values())
   for path in paths.values():
     assert path.is_file() and path.stat().st_size > 0
   assert not [f for f in os.listdir(tmp_path / 'report') if f.endswith('.tmp')]
@@ -194,7 +209,7 @@ def test_write_report_single_model_per_model_labels(tmp_path):
   y, p = _data(5, n=40)
   t = M.best_thresholds(y, p)
   results = {'MobileNet': E.compute_metrics(y, p, CLASSES, threshold=t)}
-  paths = E.write_report(tmp_path, results, {'MobileNet': y}, {'MobileNet': p}, CLASSES, 'One')
+  paths = write_report(tmp_path, results, {'MobileNet': y}, {'MobileNet': p}, CLASSES, 'One')
   md = paths['report.md'].read_text()
   assert len(_table(md, 'Model')) == 2
   assert 'threshold per class (' in md
@@ -203,26 +218,26 @@ def test_write_report_single_model_per_model_labels(tmp_path):
 def test_write_report_argument_checks(tmp_path, two_models):
   y, probs, results = two_models
   with pytest.raises(ValueError, match='y_prob_by_model must have the models of results'):
-    E.write_report(tmp_path, results, y, {'Attention-guided': probs['Attention-guided']},
+    write_report(tmp_path, results, y, {'Attention-guided': probs['Attention-guided']},
                    CLASSES, 't')
   with pytest.raises(ValueError, match='is for classes'):
-    E.write_report(tmp_path, results, y, probs, ('a', 'b', 'c', 'd'), 't')
+    write_report(tmp_path, results, y, probs, ('a', 'b', 'c', 'd'), 't')
   with pytest.raises(ValueError, match='at least one model'):
-    E.write_report(tmp_path, {}, y, {}, CLASSES, 't')
+    write_report(tmp_path, {}, y, {}, CLASSES, 't')
 
 
 def test_write_report_failure_keeps_previous_report(tmp_path, two_models, monkeypatch):
   y, probs, results = two_models
-  E.write_report(tmp_path, results, y, probs, CLASSES, 'First')
-  before = {name: (tmp_path / name).read_bytes() for name in E.REPORT_FILES}
+  write_report(tmp_path, results, y, probs, CLASSES, 'First')
+  before = {name: (tmp_path / name).read_bytes() for name in REPORT_FILES.values()}
 
   def broken_plot(*args, **kwargs):
     raise RuntimeError('plotting failed')
 
-  monkeypatch.setattr(E, 'plot_roc', broken_plot)
+  monkeypatch.setattr(reporting, 'plot_roc', broken_plot)
   other = {name: E.compute_metrics(y, 1 - p, CLASSES) for name, p in probs.items()}
   with pytest.raises(RuntimeError, match='plotting failed'):
-    E.write_report(tmp_path, other, y, probs, CLASSES, 'Second')
+    write_report(tmp_path, other, y, probs, CLASSES, 'Second')
   # Neither the files produced before the failure (json, md) nor later ones were replaced.
-  assert {name: (tmp_path / name).read_bytes() for name in E.REPORT_FILES} == before
-  assert sorted(os.listdir(tmp_path)) == sorted(E.REPORT_FILES)
+  assert {name: (tmp_path / name).read_bytes() for name in REPORT_FILES.values()} == before
+  assert sorted(os.listdir(tmp_path)) == sorted(REPORT_FILES.values())

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from cxr_jax import reporting
 from cxr_jax.explain import localization as loc
 
 GT = (0.0, 0.0, 10.0, 10.0)
@@ -20,10 +21,12 @@ def _rec(cls, iou_width, predicted=True, image_id='img'):
 
 
 def _records():
+  # One image per box: the boxes of one image and class would share their predicted boxes.
   return [
-      _rec('Mass', 2.5), _rec('Mass', 5.5), _rec('Mass', 8.0),  # IoU 0.25, 0.55, 0.8
-      _rec('Nodule', 1.0),  # IoU exactly 0.1 (10 / 100), IoBB 1
-      _rec('Nodule', None),  # nothing predicted: IoU = IoBB = 0
+      _rec('Mass', 2.5, image_id='m1'), _rec('Mass', 5.5, image_id='m2'),
+      _rec('Mass', 8.0, image_id='m3'),  # IoU 0.25, 0.55, 0.8
+      _rec('Nodule', 1.0, image_id='n1'),  # IoU exactly 0.1 (10 / 100), IoBB 1
+      _rec('Nodule', None, image_id='n2'),  # nothing predicted: IoU = IoBB = 0
   ]
 
 
@@ -118,7 +121,7 @@ def test_default_thresholds_and_keys():
 
 def test_require_prediction_counts_unpredicted_as_miss():
   records = _records()
-  records[2] = _rec('Mass', 8.0, predicted=False)  # the 0.8 box, class not predicted
+  records[2] = _rec('Mass', 8.0, predicted=False, image_id='m3')  # the 0.8 box, not predicted
   off = loc.localization_metrics(records, CLASSES)
   on = loc.localization_metrics(records, CLASSES, require_prediction=True)
   assert off['per_class']['Mass']['acc_iou']['0.7'] == pytest.approx(1 / 3)  # boxes still count
@@ -145,19 +148,21 @@ def test_unknown_class_and_no_boxes():
 def _results():
   ours = loc.localization_metrics(_records(), CLASSES)
   better = _records()
-  better[0] = _rec('Mass', 9.0)  # 0.25 -> 0.9
+  better[0] = _rec('Mass', 9.0, image_id='m1')  # 0.25 -> 0.9
   return {'ResNet-50': ours, 'Ours': loc.localization_metrics(better, CLASSES)}
 
 
 def test_markdown_tables():
-  text = loc.markdown_tables(_results())
+  text = reporting.localization_markdown(_results())
   lines = text.splitlines()
   # Paper 002 Table 1: threshold on the first row of its group only.
-  assert '| T(IoU) | Model | Mas. | Nod. | Mean |' in lines
-  assert '| 0.3 | ResNet-50 | 0.67 | 0.00 | 0.33 |' in lines
-  assert '|  | Ours | 1.00 | 0.00 | 0.50 |' in lines  # Ours: Mass IoUs 0.9, 0.55, 0.8
-  assert '| 0.7 | ResNet-50 | 0.33 | 0.00 | 0.17 |' in lines
-  assert '|  | Ours | 0.67 | 0.00 | 0.33 |' in lines
+  # AFP: class mean of false positives per heat map. ResNet-50 at 0.3: Mass 1/3 (the 0.25
+  # box), Nodule 1/2 (the 0.1 box) -> 5/12; at 0.7: Mass 2/3 -> 7/12.
+  assert '| T(IoU) | Model | Mas. | Nod. | Mean | AFP |' in lines
+  assert '| 0.3 | ResNet-50 | 0.67 | 0.00 | 0.33 | 0.417 |' in lines
+  assert '|  | Ours | 1.00 | 0.00 | 0.50 | 0.250 |' in lines  # Ours: Mass IoUs 0.9, 0.55, 0.8
+  assert '| 0.7 | ResNet-50 | 0.33 | 0.00 | 0.17 | 0.583 |' in lines
+  assert '|  | Ours | 0.67 | 0.00 | 0.33 | 0.417 |' in lines
   assert [line.split(' | ')[0] for line in lines if 'ResNet-50 |' in line][:3] == [
       '| 0.3', '| 0.5', '| 0.7']
   assert 'Abbreviations: Mas. = Mass, Nod. = Nodule.' in text
@@ -166,25 +171,25 @@ def test_markdown_tables():
   assert '| ResNet-50 | 0.5333 | 0.0500 | 0.2917 | 0.3400 |' in lines
   assert '| Ours | 0.7500 | 0.0500 | 0.4000 | 0.4700 |' in lines
   # T(IoBB): all Mass predictions lie inside the GT.
-  assert '| T(IoBB) | Model | Mas. | Nod. | Mean |' in lines
-  assert '| 0.5 | ResNet-50 | 1.00 | 0.50 | 0.75 |' in lines
-  assert text.count('ResNet-50: 5 boxes') == 3
+  assert '| T(IoBB) | Model | Mas. | Nod. | Mean | AFP |' in lines
+  assert '| 0.5 | ResNet-50 | 1.00 | 0.50 | 0.75 | 0.000 |' in lines
+  assert text.count('ResNet-50: 5 boxes in 5 heat maps, 4 predicted boxes') == 3
 
 
 def test_markdown_tables_full_names_and_missing_values():
   no_abbrev = loc.localization_metrics(
       [_rec('Mass', 5.5), _rec('Hernia', 8.0)], ('Mass', 'Hernia'))
-  text = loc.markdown_tables({'A': no_abbrev, 'B': loc.localization_metrics(
+  text = reporting.localization_markdown({'A': no_abbrev, 'B': loc.localization_metrics(
       [_rec('Mass', 2.5)], ('Mass',))}, thresholds=(0.5,))
-  assert '| T(IoU) | Model | Mass | Hernia | Mean |' in text.splitlines()
-  assert '|  | B | 0.00 | n/a | 0.00 |' in text.splitlines()
+  assert '| T(IoU) | Model | Mass | Hernia | Mean | AFP |' in text.splitlines()
+  assert '|  | B | 0.00 | n/a | 0.00 | 1.000 |' in text.splitlines()
   assert 'Abbreviations' not in text
   with pytest.raises(ValueError, match='at least one'):
-    loc.markdown_tables({})
+    reporting.localization_markdown({})
 
 
 def test_csv_table():
-  text = loc.csv_table(_results())
+  text = reporting.localization_csv(_results())
   rows = list(csv.DictReader(io.StringIO(text)))
   assert list(rows[0]) == ['model', 'class', 'metric', 'threshold', 'value']
 
@@ -197,5 +202,10 @@ def test_csv_table():
   assert float(value('ResNet-50', 'Mass', 'acc_iou', '0.3')) == pytest.approx(2 / 3)
   assert float(value('Ours', 'Mean', 'mean_iou')) == pytest.approx(0.4)
   assert float(value('Ours', 'All boxes', 'acc_iobb', '0.7')) == pytest.approx(4 / 5)
-  # 2 models x 4 groups (2 classes, Mean, All boxes) x (3 + 2 x 7) rows, plus the header.
-  assert len(rows) == 2 * 4 * 17
+  assert value('ResNet-50', 'Mean', 'num_groups') == '5'
+  assert value('ResNet-50', 'All boxes', 'num_pred_boxes') == '4'
+  assert float(value('ResNet-50', 'Mass', 'afp_iou', '0.3')) == pytest.approx(1 / 3)
+  assert float(value('ResNet-50', 'All boxes', 'afp_iou', '0.7')) == pytest.approx(3 / 5)
+  assert float(value('Ours', 'Mean', 'afp_iobb', '0.7')) == 0.0
+  # 2 models x 4 groups (2 classes, Mean, All boxes) x (5 + 4 x 7) rows, plus the header.
+  assert len(rows) == 2 * 4 * 33

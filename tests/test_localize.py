@@ -10,11 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cxr_jax import config_lib, predict, report, stages
+from cxr_jax import config_lib, inference, layout, report, stages
 from cxr_jax.data import pipeline
 from cxr_jax.explain import boxes as boxes_lib
-from cxr_jax.explain import localize
 from cxr_jax.models import build_model
+from cxr_jax.stages import localize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,12 +49,13 @@ def test_multi_attention_stages_end_to_end(phantom_data_dir, tmp_path, caplog):
       {'init_from': {'stage': 'train_classifier', 'target': '', 'checkpoint': '', 'fresh': ()}})
   config_lib.validate(config)
   workdir = tmp_path / 'ma'
+  caplog.set_level('INFO', logger='absl')  # absl keeps its own level (a CLI may lower it)
   with caplog.at_level('INFO'):
     stages.run(config, workdir)
   assert 'Initialised the model from the best checkpoint of' in caplog.text
   assert 'Hard positives (missed/positives) per class' in caplog.text
 
-  mined = json.loads((workdir / 'mine_hard_examples' / 'hard_examples.json').read_text())
+  mined = json.loads(layout.Run(workdir).hard_examples_file.read_text())
   assert mined['num_images_a'] == 24
   assert mined['num_examples_c'] == 24 + sum(mined['copies'].values())
   assert sum(v['hard'] for v in mined['per_class'].values()) == mined['num_hard_pairs'] > 0
@@ -85,7 +86,7 @@ def test_multi_attention_stages_end_to_end(phantom_data_dir, tmp_path, caplog):
   assert 'Average' in table
 
 
-def _tiny_predictor(tmp_path, head: str, pp: str) -> predict.Predictor:
+def _tiny_predictor(tmp_path, head: str, pp: str) -> inference.Predictor:
   """A randomly initialised ResNet as a Predictor (no training: localisation plumbing only)."""
   model = build_model(ml_collections.ConfigDict(
       {'name': 'resnet18', 'width': 8, 'head': head,
@@ -93,17 +94,10 @@ def _tiny_predictor(tmp_path, head: str, pp: str) -> predict.Predictor:
   variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
   from cxr_jax.data.labels import NIH_CLASSES
 
-  @jax.jit
-  def forward(v, x):
-    return model.apply(v, x, train=False, mutable=['intermediates'])
-
-  def forward_fn(v, x):
-    logits, state = forward(v, x)
-    return logits, state['intermediates']
-
-  info = {'class_names': list(NIH_CLASSES), 'image_shape': [64, 64, 3], 'threshold': 0.5,
-          'pp_eval': pp, 'model': {'name': 'resnet18', 'head': head}}
-  return predict.Predictor(tmp_path, 'train_classifier', model, variables, info, forward_fn)
+  info = inference.ModelInfo(class_names=NIH_CLASSES, image_shape=(64, 64, 3), pp_eval=pp,
+                             model={'name': 'resnet18', 'head': head})
+  return inference.Predictor(tmp_path, 'train_classifier', model, variables, info,
+                             inference.OperatingPoint(np.full(len(NIH_CLASSES), 0.5), 'scalar'))
 
 
 @pytest.mark.parametrize('method', ['cam', 'grad_cam'])
@@ -118,14 +112,14 @@ def test_predicted_boxes_never_depend_on_ground_truth(phantom_data_dir, tmp_path
   settings = boxes_lib.BoxSettings.from_config(cfg.boxes)
   images = np.stack([ex['image'] for ex in examples])
   # The predictions from images alone ...
-  _, _, alone = localize.predict_boxes(predictor, images, method=method, settings=settings)
+  _, _, alone = inference.predict_boxes(predictor, images, method=method, settings=settings)
   classes = list(predictor.class_names)
 
   def preds_of(exs):
     records = []
     for ex in exs:
-      found = localize.predict_boxes(predictor, ex['image'][None], method=method,
-                                     settings=settings)
+      found = inference.predict_boxes(predictor, ex['image'][None], method=method,
+                                      settings=settings)
       records += localize.match_records(ex, found[0][0], found[2][0], classes,
                                         predictor.thresholds)[0]
     return records
@@ -147,9 +141,9 @@ def test_cam_of_the_space_attention_head_is_its_class_score_map(phantom_data_dir
   pp = 'decode|grayscale_to_rgb|normalize("imagenet")'
   predictor = _tiny_predictor(tmp_path, 'space_attention', pp)
   x = np.zeros((2, 64, 64, 3), np.float32) + np.linspace(-1, 1, 64)[None, :, None, None]
-  _, inter = predictor.forward(predictor.variables, x)
-  features = predict._find_sown(inter, 'features', ndim=4)
-  sown = predict._find_sown(inter, 'class_scores', ndim=4)
+  _, inter = predictor.forward(x)
+  features = inference.find_sown(inter, 'features', ndim=4)
+  sown = inference.find_sown(inter, 'class_scores', ndim=4)
   np.testing.assert_allclose(predictor.score_map_fn()(features), sown, rtol=1e-5, atol=1e-5)
 
 
@@ -164,18 +158,17 @@ def test_localize_on_the_real_nih_box_sample(shared_data, tmp_path):
   cfg = config_lib.base_config().localize
   cfg.num_overlays = 1
   cfg.batch_size = 32
-  out = tmp_path / 'loc'
-  from etils import epath
+  run = layout.Run(tmp_path / 'loc')
   metrics = localize.localize_model(predictor, pipeline.iterate_box_split(data, 'bbox', pp),
-                                    cfg, epath.Path(out), 'random ResNet')
+                                    cfg, run, 'random ResNet')
   # Every radiologist box of the sample (590, 8 diseases) is scored, in the 64 px input frame.
   assert metrics['num_boxes'] == 590 and metrics['num_boxes_skipped'] == 0
   assert set(metrics['class_names']) == {'Atelectasis', 'Cardiomegaly', 'Effusion',
                                          'Infiltration', 'Mass', 'Nodule', 'Pneumonia',
                                          'Pneumothorax'}
-  records = [json.loads(line) for line in open(out / 'records.jsonl')]
+  records = [json.loads(line) for line in run.records_file('train_classifier').open()]
   for r in records:
     x, y, w, h = r['gt']
     assert 0 <= x and 0 <= y and x + w <= 64 + 1e-4 and y + h <= 64 + 1e-4 and w > 0 and h > 0
   assert all(0.0 <= metrics['mean']['acc_iou'][t] <= 1.0 for t in ('0.1', '0.5', '0.7'))
-  assert len(list((out / 'overlays').glob('*.png'))) == 1
+  assert len(list(run.localize_overlays_dir('train_classifier').glob('*.png'))) == 1

@@ -120,6 +120,26 @@ def test_three_steps_match_numpy_reference(feedback):
   assert np.abs(alpha[:, 0] - alpha[:, 1]).max() > 1e-4
 
 
+def test_attention_over_an_8x8_map_moves_between_steps_and_images():
+  # The map paper 000's demo now attends over (64 px at output stride 8). With random weights
+  # and inputs every step and every image gets its own distribution over the 64 locations;
+  # at 2 x 2 (the old demo) there was almost nothing to choose.
+  model, features, variables = _setup((3, 8, 8, 16), num_classes=5, num_steps=3)
+  alpha = np.asarray(jax.jit(model.apply)(variables, features)['attention'])
+  assert alpha.shape == (3, 3, 8, 8)
+  np.testing.assert_allclose(alpha.sum(axis=(2, 3)), 1.0, atol=1e-6)
+  assert alpha.max() > 2 / 64  # not uniform (1/64 everywhere)
+  # Random weights move the LSTM state, hence the attention, only a little from step to step
+  # (here >= 7e-4 somewhere in every map, 5% of 1/64), far above float32 noise; images differ
+  # much more (>= 0.04).
+  for t in range(3):
+    for u in range(t):  # every pair of steps of every image
+      assert np.abs(alpha[:, t] - alpha[:, u]).max(axis=(1, 2)).min() > 1e-4, (t, u)
+  for b in range(3):
+    for c in range(b):  # every pair of images at every step
+      assert np.abs(alpha[b] - alpha[c]).max(axis=(1, 2)).min() > 1e-2, (b, c)
+
+
 def test_attention_is_the_same_every_step_when_it_ignores_the_hidden_state():
   model, features, variables = _setup((2, 3, 4, 8))
   params = jax.tree.map(np.asarray, variables['params'])

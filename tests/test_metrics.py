@@ -181,6 +181,32 @@ def test_best_thresholds_maximise_f1_like_brute_force(seed):
   assert M.f1(y, p, t, average='macro') >= M.f1(y, p, 0.5, average='macro')
 
 
+def test_youden_thresholds_hand_case():
+  y = np.array([[0], [1], [1], [0], [0]])
+  p = np.array([[0.1], [0.4], [0.8], [0.6], [0.3]])
+  # Cuts (sorted p 0.1 0.3 0.4 0.6 0.8): > 0.35 gives TPR 1, FPR 1/3 -> J 2/3, the best; > 0.7
+  # gives TPR 1/2, FPR 0 -> J 1/2.
+  np.testing.assert_allclose(M.youden_thresholds(y, p), [0.35])
+  np.testing.assert_allclose(M.choose_thresholds(y, p, 'youden'), [0.35])
+  np.testing.assert_allclose(M.choose_thresholds(y, p, 'max_f1'), M.best_thresholds(y, p))
+  with pytest.raises(ValueError, match="threshold rule 'f2'; valid: max_f1, youden"):
+    M.choose_thresholds(y, p, 'f2')
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_youden_thresholds_maximise_j_like_brute_force(seed):
+  y, p = _random_data(seed, n=120, k=3)
+  t = M.youden_thresholds(y, p)
+  candidates = np.unique(np.concatenate([np.unique(p), np.linspace(0, 1, 101)]))
+
+  def j(k, c):
+    pred = p[:, k] > c
+    return pred[y[:, k] > 0].mean() - pred[y[:, k] == 0].mean()
+
+  for k in range(y.shape[1]):
+    assert j(k, t[k]) == pytest.approx(max(j(k, c) for c in candidates))
+
+
 def test_best_thresholds_edge_cases():
   y = np.array([[0, 1, 1], [0, 1, 0], [0, 1, 1]])
   p = np.array([[0.2, 0.3, 0.0], [0.7, 0.1, 0.0], [0.4, 0.9, 0.0]])

@@ -5,11 +5,31 @@ import numpy as np
 import pytest
 
 from cxr_jax.models import build_model
-from cxr_jax.models.mobilenet import MobileNetV1
+from cxr_jax.models.mobilenet import MOBILENET_V1_BLOCKS, MobileNetV1
 
 
 def _count(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _np_variables(model, x, seed: int = 5) -> dict:
+  """Random variables in the layout `model.init` gives, drawn with numpy (compiling `init` op by
+  op takes seconds): kernels ~ N(0, 1/fan_in), BatchNorm scales and variances in [0.5, 1.5] (so
+  that a misplaced BatchNorm cannot hide behind 1s), everything else ~ N(0, 0.1)."""
+  rng = np.random.default_rng(seed)
+  draw = {'kernel': lambda s: rng.normal(0.0, np.prod(s[:-1]) ** -0.5, s),
+          'var': lambda s: rng.uniform(0.5, 1.5, s), 'scale': lambda s: rng.uniform(0.5, 1.5, s)}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, v: draw.get(path[-1].key, lambda s: rng.normal(0.0, 0.1, s))(
+          v.shape).astype(np.float32), jax.eval_shape(model.init, jax.random.key(0), x))
+
+
+def _assert_close_to_scale(actual, desired, rtol: float = 1e-5) -> None:
+  """For float32 sums: an element where terms cancel carries rounding errors the size of the
+  terms, not its own (and summation order differs between CPUs and implementations), so the
+  absolute tolerance follows the array's largest element."""
+  desired = np.asarray(desired)
+  np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
 
 
 def test_mobilenet_v1_parameter_count_matches_keras():
@@ -54,6 +74,45 @@ def test_mobilenet_train_mode_updates_batch_stats_and_bf16():
   assert not np.allclose(before, after)
 
 
+def test_output_stride_strides_and_dilations_follow_tf_slim():
+  # TF-slim's mobilenet_v1_base(output_stride=8): blocks 6 and 12 lose their stride; block 6
+  # keeps rate 1, blocks 7-12 get rate 2, block 13 rate 4.
+  assert MobileNetV1(num_classes=2, output_stride=8).block_strides() == [
+      (1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 1)] + [(1, 2)] * 6 + [(1, 4)]
+  assert MobileNetV1(num_classes=2, output_stride=16).block_strides()[10:] == [
+      (1, 1), (1, 1), (1, 2)]
+  default = MobileNetV1(num_classes=2).block_strides()
+  assert default == MobileNetV1(num_classes=2, output_stride=64).block_strides()
+  assert default == [(s, 1) for _, s in MOBILENET_V1_BLOCKS]
+  for bad in (1, 12):
+    with pytest.raises(ValueError, match='output_stride must be a power of 2'):
+      MobileNetV1(num_classes=2, output_stride=bad).block_strides()
+
+
+def test_output_stride_keeps_parameters_and_samples_the_same_features_densely():
+  # Atrous convolution computes the strided network's features at more positions: with
+  # BatchNorm's running statistics (inference), the output-stride-32 map is every 4th location
+  # of the output-stride-8 map, starting at 3 (each removed stride at rate r shifts the grid by
+  # r: SAME padding puts a stride-2 output's taps at 2i..2i+2, centred on 2i+1). MobileNet's
+  # stride pattern with fewer, narrower blocks, to compile quickly.
+  blocks = ((16, 1), (16, 2), (16, 1), (32, 2), (32, 2), (32, 1), (64, 2), (64, 1))
+  x = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
+  coarse = MobileNetV1(num_classes=3, blocks=blocks)
+  variables = _np_variables(coarse, x)
+  shapes = jax.tree.map(jnp.shape, variables)
+  # One jit per model compiles faster than running `apply` op by op.
+  features = lambda m: jax.jit(lambda v: m.apply(v, x, return_features=True)[1])(variables)
+  f32 = features(coarse)
+  assert f32.shape == (2, 2, 2, 64)
+  for output_stride, size in ((16, 4), (8, 8)):
+    dense = MobileNetV1(num_classes=3, blocks=blocks, output_stride=output_stride)
+    assert jax.tree.map(jnp.shape, jax.eval_shape(dense.init, jax.random.key(0), x)) == shapes
+    f = features(dense)
+    assert f.shape == (2, size, size, 64)
+    step = 32 // output_stride
+    _assert_close_to_scale(f[:, step - 1::step, step - 1::step], f32)
+
+
 def test_build_model_errors():
   with pytest.raises(ValueError, match='valid names: .*mobilenet_v1'):
     build_model(ml_collections.ConfigDict({'name': 'mobilenet_v9'}), num_classes=2)
@@ -64,19 +123,23 @@ def test_build_model_errors():
                 dtype='float8')
 
 
-@pytest.mark.parametrize('size,stride', [(8, 1), (8, 2), (7, 2), (5, 1)])
-def test_depthwise_shifts_equal_grouped_convolution(size, stride):
+@pytest.mark.parametrize('size,stride,dilation', [
+    (8, 1, 1), (8, 2, 1), (7, 2, 1), (5, 1, 1),
+    (8, 1, 2), (7, 1, 2), (8, 1, 4), (4, 1, 4), (9, 2, 2)])
+def test_depthwise_shifts_equal_grouped_convolution(size, stride, dilation):
   from cxr_jax.models.depthwise import DepthwiseConv
   x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
-  fast = DepthwiseConv(3, stride, impl='shifts')
-  ref = DepthwiseConv(3, stride, impl='xla')
+  fast = DepthwiseConv(3, stride, impl='shifts', dilation=dilation)
+  ref = DepthwiseConv(3, stride, impl='xla', dilation=dilation)
   variables = fast.init(jax.random.key(1), x)
-  np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x), rtol=1e-5,
-                             atol=1e-5)
-  # Gradients agree too (the training path).
-  g_fast = jax.grad(lambda v: fast.apply(v, x).sum())(variables)
-  g_ref = jax.grad(lambda v: ref.apply(v, x).sum())(variables)
-  np.testing.assert_allclose(g_fast['params']['kernel'], g_ref['params']['kernel'], rtol=1e-4)
+  out = fast.apply(variables, x)
+  assert out.shape == (2, -(-size // stride), -(-size // stride), 6)
+  _assert_close_to_scale(out, ref.apply(variables, x))
+  # Gradients agree too (the training path), for the kernel and the input.
+  g_fast = jax.grad(lambda v, x: (fast.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
+  g_ref = jax.grad(lambda v, x: (ref.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
+  _assert_close_to_scale(g_fast[0]['params']['kernel'], g_ref[0]['params']['kernel'])
+  _assert_close_to_scale(g_fast[1], g_ref[1])
 
 
 def test_depthwise_parameters_match_flax_grouped_conv_layout():
@@ -126,3 +189,39 @@ def test_mobilenet_lstm_attention_wrapper():
       variables['params'])
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads['backbone']))
   assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads['lstm_attention']))
+
+
+def test_mobilenet_lstm_attention_passes_output_stride_to_the_backbone():
+  # 32 px through two stride-2 blocks: a 4 x 4 map at output stride 8, 8 x 8 at 4, with the
+  # same parameters; the attention then spreads over 64 locations.
+  from cxr_jax.models.mobilenet_lstm_attention import MobileNetLSTMAttention
+  kw = dict(num_classes=3, width_multiplier=0.25, blocks=((16, 2), (32, 2)))
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
+  variables = _np_variables(MobileNetLSTMAttention(**kw), x)
+  model = MobileNetLSTMAttention(**kw, output_stride=4)
+  assert jax.tree.map(jnp.shape, jax.eval_shape(model.init, jax.random.key(1), x)) == \
+      jax.tree.map(jnp.shape, variables)
+  _, inter = jax.jit(lambda v: model.apply(v, x, mutable=['intermediates']))(variables)
+  att = np.asarray(inter['intermediates']['attention'][0])
+  assert att.shape == (2, 3, 8, 8)
+  np.testing.assert_allclose(att.sum(axis=(2, 3)), 1.0, rtol=1e-5)
+
+
+def test_paper_000_demo_attends_over_an_8x8_map_at_64_px():
+  # The README demo (64 px): the attention needs more than MobileNet's own 2 x 2 to choose from.
+  import pathlib
+
+  from cxr_jax import config_lib
+  configs = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+  config = config_lib.load_sibling(str(configs / 'any.py'), 'lstm_attention.py').get_config('demo')
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  stage1 = build_model(config.model, num_classes=13)
+  variables = jax.eval_shape(stage1.init, jax.random.key(0), x)
+  features = jax.eval_shape(lambda v, x: stage1.apply(v, x, return_features=True)[1],
+                            variables, x)
+  assert features.shape[1:3] == (8, 8)
+  stage2 = build_model(config.stage_overrides.train_attention.model, num_classes=13)
+  variables = jax.eval_shape(stage2.init, jax.random.key(0), x)
+  inter = jax.eval_shape(lambda v, x: stage2.apply(v, x, mutable=['intermediates'])[1],
+                         variables, x)
+  assert inter['intermediates']['attention'][0].shape == (1, 3, 8, 8)

@@ -1,5 +1,6 @@
 """`python -m cxr_jax.predict` end to end on a tiny trained run, plus its building blocks."""
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -11,7 +12,7 @@ import pytest
 from conftest import SHARED_DATA, tiny_config
 from PIL import Image
 
-from cxr_jax import predict
+from cxr_jax import imageio, inference, layout, predict
 
 
 @pytest.fixture(scope='module')
@@ -25,8 +26,8 @@ def run_dir(phantom_data_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='module')
-def predictor(run_dir) -> predict.Predictor:
-  return predict.load_predictor(run_dir)
+def predictor(run_dir) -> inference.Predictor:
+  return inference.load_predictor(run_dir)
 
 
 @pytest.fixture
@@ -66,8 +67,8 @@ def test_cli_folder_with_a_bad_file(run_dir, tmp_path, capsys, shared_data_or_no
   assert _cli([f'--workdir={run_dir}', '--explain=none', str(folder)]) == 1
   err = capsys.readouterr().err
   assert 'broken.png' in err and 'FAILED' in err
-  out = pathlib.Path(run_dir) / 'predictions'
-  info = json.loads((pathlib.Path(run_dir) / 'train_classifier' / 'model.json').read_text())
+  out = pathlib.Path(layout.Run(run_dir).predictions_dir)
+  info = layout.Run(run_dir).stage('train_classifier').read_model_info()
   for name in names:
     if name == 'broken.png':
       assert not (out / f'{name}.json').exists()
@@ -78,6 +79,7 @@ def test_cli_folder_with_a_bad_file(run_dir, tmp_path, capsys, shared_data_or_no
     assert all(0.0 < p < 1.0 for p in probs.values())
     assert set(record['findings']) == {c for c, p in probs.items() if p > info['threshold']}
     assert record['stage'] == 'train_classifier' and record['overlays'] == []
+    assert record['threshold_source'] == 'scalar'
     assert record['image'].endswith(name)
   if shared_data_or_none is not None:
     dicom = json.loads((out / 'RG1_UNCR.dcm.json').read_text())['image_meta']
@@ -98,7 +100,7 @@ def test_cli_usage_errors(run_dir, tmp_path, capsys):
 
 
 def test_single_file_pda_with_boxes(run_dir, predictor, tmp_path, monkeypatch):
-  monkeypatch.setattr(predict, 'load_predictor', lambda workdir, stage=None: predictor)
+  monkeypatch.setattr(inference, 'load_predictor', lambda workdir, stage=None: predictor)
   names = _images(tmp_path / 'ref', with_bad=False)
   image = tmp_path / 'ref' / names[0]
   boxes = tmp_path / 'boxes.csv'
@@ -115,25 +117,27 @@ def test_single_file_pda_with_boxes(run_dir, predictor, tmp_path, monkeypatch):
 
 def test_pda_heatmaps_shape_and_box_scaling(predictor, tmp_path):
   _images(tmp_path / 'ref', with_bad=False)
-  settings = predict.PDASettings(num_samples=3, num_reference=4)
-  ref = predict.reference_data(predictor, settings, str(tmp_path / 'ref'))
+  settings = inference.PDASettings(num_samples=3, num_reference=4)
+  images = [predictor.preprocess(imageio.read_image(p)[0])
+            for p in predict.list_images(tmp_path / 'ref')]
+  ref = inference.reference_maps(predictor, settings, images)
   assert ref.shape[0] == 3 and ref.ndim == 4
-  sampler = predict.fit_pda_sampler(settings, ref)
+  sampler = inference.fit_pda_sampler(settings, ref)
   x = predictor.preprocess(np.full((64, 64), 0.5, np.float32))
-  feats = predictor.features(predictor.run(x)[1])
-  rel = predict.pda_heatmaps(predictor, x, sampler, settings, jax.random.key(0))
+  feats = predictor.feature_maps(predictor.run(x)[1])[0]
+  rel = inference.pda_heatmaps(predictor, x, sampler, settings, jax.random.key(0))
   assert rel.shape == (len(predictor.class_names), *feats.shape[:2])
   assert np.all(np.isfinite(rel))
   # Pixel level: windows over the 64 x 64 input, the whole network re-evaluated.
-  pixels = predict.PDASettings(level='pixels', window=16, stride=16, num_samples=2,
-                               num_reference=4)
-  ref = predict.reference_data(predictor, pixels, str(tmp_path / 'ref'))
+  pixels = inference.PDASettings(level='pixels', window=16, stride=16, num_samples=2,
+                                 num_reference=4)
+  ref = inference.reference_maps(predictor, pixels, images)
   assert ref.shape[1:] == x.shape
-  rel = predict.pda_heatmaps(predictor, x, predict.fit_pda_sampler(pixels, ref), pixels,
-                             jax.random.key(0))
+  rel = inference.pda_heatmaps(predictor, x, inference.fit_pda_sampler(pixels, ref), pixels,
+                               jax.random.key(0))
   assert rel.shape == (len(predictor.class_names), 64, 64) and np.all(np.isfinite(rel))
-  with pytest.raises(predict.UsageError, match="config.explain.level='voxels'"):
-    predict.PDASettings.from_config({'level': 'voxels'})
+  with pytest.raises(inference.RunError, match="config.explain.level='voxels'"):
+    inference.PDASettings.from_config({'level': 'voxels'})
   boxes = predict.read_boxes(str(_write(tmp_path / 'b.csv',
                                         'image,finding_label,x,y,w,h\n'
                                         'dir/q.png,Infiltrate,512,0,256,1024\n')), 1024)
@@ -150,12 +154,12 @@ def test_preprocess_matches_training_quantisation(predictor):
   h, w, _ = predictor.image_shape
   u8 = np.random.default_rng(1).integers(0, 256, (h, w), dtype=np.uint8)
   x = predictor.preprocess(u8.astype(np.float32) / 255.0)
-  ref = ops.get_preprocess_fn(predictor.info['pp_eval'])({'image': u8[..., None]})['image']
+  ref = ops.get_preprocess_fn(predictor.info.pp_eval)({'image': u8[..., None]})['image']
   np.testing.assert_allclose(x, np.asarray(ref), atol=1e-6)
-  assert predict.default_stage(predictor.workdir) == 'train_classifier'
+  assert inference.default_stage(predictor.workdir) == 'train_classifier'
   assert predictor.thresholds.shape == (len(predictor.class_names),)
   assert predict.resolve_explain('auto', predictor) == 'none'
-  with pytest.raises(predict.UsageError, match='has no attention'):
+  with pytest.raises(inference.RunError, match='has no attention'):
     predict.resolve_explain('attention', predictor)
 
 
@@ -181,19 +185,17 @@ def test_attention_overlay(tmp_path):
   model = _TinyAttentionModel()
   variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
 
-  def forward(variables, x):
-    logits, state = model.apply(variables, x, mutable=['intermediates'])
-    return logits, state['intermediates']
-
-  info = {'class_names': ['A', 'B', 'C'], 'image_shape': [32, 32, 3], 'threshold': [0.5] * 3,
-          'pp_eval': 'decode|grayscale_to_rgb|normalize("minus_one_one")',
-          'model': {'name': 'tiny_attention'}}
-  p = predict.Predictor(tmp_path, 'train_attention', model, variables, info, forward)
+  info = inference.ModelInfo(
+      class_names=('A', 'B', 'C'), image_shape=(32, 32, 3),
+      pp_eval='decode|grayscale_to_rgb|normalize("minus_one_one")',
+      model={'name': 'tiny_attention'})
+  p = inference.Predictor(tmp_path, 'train_attention', model, variables, info,
+                          inference.OperatingPoint(np.full(3, 0.5), 'scalar'))
   assert predict.resolve_explain('auto', p) == 'attention'
   Image.fromarray(np.full((50, 40), 90, np.uint8)).save(tmp_path / 'x.png')
   record = predict.predict_image(p, str(tmp_path / 'x.png'), str(tmp_path / 'o' / 'x.png'),
                                  explain='attention')
-  maps = p.attention_maps(p.run(p.preprocess(np.zeros((50, 40), np.float32)))[1])
+  maps = p.attention_maps(p.run(p.preprocess(np.zeros((50, 40), np.float32)))[1])[0]
   assert maps.shape == (2, 4, 4)
   np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, rtol=1e-5)
   assert record['overlays'] == [str(tmp_path / 'o' / 'x.png.attention.png')]
@@ -216,3 +218,14 @@ def test_cli_cam_heat_maps_and_boxes_in_image_pixels(run_dir, tmp_path, method):
     assert 0 <= x and 0 <= y and x + w <= 70 + 1e-6 and y + h <= 80 + 1e-6 and w > 0 and h > 0
   assert record['overlays'] == [str(out / f'a.png.{method}.png')]
   assert (out / f'a.png.{method}.png').stat().st_size > 1000
+
+
+def test_pda_laplace_n_is_the_training_split_size(predictor):
+  # The tiny phantom's train split: 24 images (config.explain.laplace_n = 0 by default).
+  assert predictor.info.num_train_examples == 24
+  assert inference.laplace_n(predictor, inference.PDASettings()) == 24
+  assert inference.laplace_n(predictor, inference.PDASettings(laplace_n=500)) == 500
+  imported = dataclasses.replace(predictor, info=dataclasses.replace(predictor.info,
+                                                                     num_train_examples=None))
+  assert inference.laplace_n(imported, inference.PDASettings()) == \
+      inference.explanations.FALLBACK_LAPLACE_N

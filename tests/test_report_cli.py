@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_jax import evaluate, report
+from cxr_jax import evaluate, report, reporting
+from cxr_jax.explain import localization
 from cxr_jax.io_utils import atomic_write_json
 
 # Not alphabetical: the metrics files are written with sorted keys, the tables keep this order.
@@ -221,7 +222,6 @@ def test_failed_run_leaves_previous_comparison_untouched(runs, tmp_path, capsys,
 
 
 def test_localization_tables(runs, tmp_path, capsys):
-  localization = pytest.importorskip('cxr_jax.explain.localization')
   records = [
       {'image_id': 'a.png', 'class': 'Mass', 'gt': (10, 10, 20, 20), 'pred': [(12, 12, 20, 20)],
        'prob': 0.9, 'predicted': True},
@@ -238,9 +238,9 @@ def test_localization_tables(runs, tmp_path, capsys):
   code, out, err = _main(capsys, f'--workdirs={runs["bsl_fam"]},{runs["ma"]}', f'--out={out_dir}')
   assert code == 0, err
   loaded = json.loads(json.dumps(loc))  # as read back: tuples become lists
-  assert localization.markdown_tables({'MA': loaded}).rstrip('\n') in out
+  assert reporting.localization_markdown({'MA': loaded}).rstrip('\n') in out
   assert 'No localisation results for: BSL+FAM.' in out
-  assert (out_dir / 'localization.csv').read_text() == localization.csv_table({'MA': loaded})
+  assert (out_dir / 'localization.csv').read_text() == reporting.localization_csv({'MA': loaded})
 
 
 # ------------------------------------------------------------------------------ errors

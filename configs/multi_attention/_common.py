@@ -29,6 +29,15 @@ Readings (the paper is silent or ambiguous):
       --input=<resnet101-*.pth> --output=weights/torchvision_resnet101
   SE blocks are not in an ImageNet ResNet-101: they start from their own initialisation
   (`init_from.fresh`), as do the 14-class heads.
+- Space attention (cxr_jax/attention/space_attention.py has the algebra): as written, its
+  linear classifier on [local | global] averages to g (W_l + W_g) + b, i.e. GAP + `fc` with a
+  doubled classifier learning rate, and W_l, W_g get identical gradients, so W_l - W_g keeps its
+  initial value and the heat map (CAM of W_l) keeps that init noise. `sam_init='tied'` (default)
+  starts W_l = W_g = W_0 / 2, W_0 initialised as the baseline's `fc`, so the difference stays 0
+  and the map is the CAM of the effective classifier; 'lecun' is the independent init of earlier
+  runs, 'zeros' a zero kernel. `sam_normalize=False` is the paper's text; True is ParseNet's
+  (its ref. [16]) L2 normalisation of each branch with learned per-channel scales starting at
+  `sam_norm_scale` = 10, which makes the branches differ and gives the head capacity.
 - Heat maps / localisation (`localize` stage, on the 880-image box split): class score maps of
   the last feature map ('cam': for the space attention head this is exactly the map "without the
   last average pooling", Fig. 4 right) upsampled to the input and binarised at 0.5 of their
@@ -39,8 +48,9 @@ Readings (the paper is silent or ambiguous):
   maps have locations to work with), from scratch (no ImageNet weights here), 4 px translation,
   batch 32, 600 steps at learning rate 0.1 (/10 after 450); see `apply_demo`. Measured here
   (2 CPU cores, 6-9 min per config): test mean AUROC BSL 0.822, +FAM 0.833, +SAM 0.855,
-  MA 0.859 (one seed: the ordering of Table 1, not its significance); MA's stage 1 is
-  bit-identical to the BSL+FAM+SAM run, its set B holds 6,718 of 16,000 training images.
+  MA 0.859 (one seed: the ordering of Table 1, not its significance; the +SAM and MA runs used
+  the former independent head init, `sam_init='lecun'`); MA's stage 1 is bit-identical to the
+  BSL+FAM+SAM run, its set B holds 6,718 of 16,000 training images.
 """
 
 import ml_collections
@@ -73,6 +83,7 @@ def get_config(name: str, *, fam: bool, sam: bool, hard: bool, label: str,
   config.model = ml_collections.ConfigDict({
       'name': 'resnet101', 'se_reduction': 16 if fam else 0,
       'head': 'space_attention' if sam else 'gap_dense', 'sam_pool': 'after_classifier',
+      'sam_normalize': False, 'sam_init': 'tied', 'sam_norm_scale': 10.0,
       'replace_stride_with_dilation': (False, False, False)})
   config.init_from.checkpoint = IMAGENET_RESNET101
   config.init_from.fresh = ('params/*/se/*',) if fam else ()

@@ -5,8 +5,8 @@ TFDS encodes images with it; our builders are tested with `DatasetBuilderTestCas
 passes with the tfrecord file format, and tfrecord can only be read sequentially through
 tf.data; and tf.data returns sequence features (the NIH boxes under 'objects') as tensors,
 while the array_record/grain route hands them back as Python lists. TensorFlow here only runs
-on the CPU: the first pipeline built hides the GPUs from it so it never grabs accelerator
-memory that JAX needs.
+on the CPU: every pipeline hides the accelerators from it first (cxr_jax/data/tf_devices.py) so
+it never grabs accelerator memory that JAX needs.
 
 Order and determinism (training):
   * Each host reads `tfds.even_splits(split, n=process_count)[process_index]`.
@@ -31,8 +31,13 @@ buffer reaches (set shuffle_buffer >= the split size for a uniform spread).
 Config fields read from `config.data` (ConfigDict or dict), with defaults:
   name (required, e.g. 'cxr_phantom/64'), data_dir=None (TFDS default), train_split='train',
   classes=NIH_CLASSES, drop_no_finding=False, pp_train='', pp_eval='', shuffle_buffer=10_000,
-  cache=False, prefetch=2, extra_copies=''. (eval_splits is read by the caller, which passes
-  one split here.)
+  cache=False, prefetch=2, extra_copies='', target='labels', inputs=(). (eval_splits is read
+  by the caller, which passes one split here.)
+
+What a batch carries: 'image' (float32), the `target` feature the loss and the evaluator read
+('labels': multi-hot float32 [K] gathered to `classes`; 'label': a class index; 'masks':
+segmentation masks moved with the image by every geometric op), and the features named in
+`inputs` that the model takes besides the image (e.g. cached lung masks).
 """
 
 import json
@@ -47,7 +52,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from cxr_jax.data import builder_names, ops
+from cxr_jax.data import builder_names, ops, tf_devices
 from cxr_jax.data.labels import NIH_CLASSES, class_indices
 
 Batch = dict[str, np.ndarray]
@@ -56,21 +61,6 @@ Batch = dict[str, np.ndarray]
 AUTO_PREPARE_PREFIXES: tuple[str, ...] = ('cxr_phantom',)
 # Features read undecoded and decoded only after filter/shuffle/skip.
 ENCODED_KEYS = ('image', 'masks')
-
-_gpus_hidden = False
-
-
-def _hide_gpus_from_tf() -> None:
-  """Keeps TensorFlow (used only for input) off the accelerators JAX owns."""
-  global _gpus_hidden
-  if _gpus_hidden:
-    return
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError as e:  # TF already initialised its devices; nothing more we can do.
-    logging.warning('Could not hide GPUs from TensorFlow: %s', e)
-  _gpus_hidden = True
-
 
 def _get(data_cfg: Any, key: str, default: Any) -> Any:
   """config.data field `key` (ConfigDict or dict); missing or None gives `default`."""
@@ -170,6 +160,9 @@ def _read(
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   drop = bool(_get(data_cfg, 'drop_no_finding', False))
+  if drop and 'labels' not in read_keys:
+    raise ValueError("config.data.drop_no_finding needs multi-hot 'labels' (config.data.target="
+                     f"{_get(data_cfg, 'target', 'labels')!r}).")
   if drop:
     # All selected labels zero: 'No Finding' or only findings outside the selected classes.
     ds = ds.filter(lambda f: tf.reduce_any(f['labels'] > 0))
@@ -178,7 +171,7 @@ def _read(
   if _get(data_cfg, 'cache', False):
     ds = ds.cache()  # Caches encoded bytes, which is what a re-read would cost.
   if drop or copies:
-    n = int(ds.map(lambda f: f['labels']).reduce(np.int64(0), lambda c, _: c + 1))
+    n = int(ds.reduce(np.int64(0), lambda c, _: c + 1))
   else:
     n = builder.info.splits[host_split].num_examples
   return ds, n
@@ -231,21 +224,60 @@ def _preprocess_map(
     features = preprocess(features)
     out = {k: features[k] for k in out_keys}
     out['image'] = tf.cast(out['image'], tf.float32)
-    out['labels'] = tf.cast(out['labels'], tf.float32)
+    if 'labels' in out:
+      out['labels'] = tf.cast(out['labels'], tf.float32)
+    if 'label' in out:
+      out['label'] = tf.cast(out['label'], tf.int32)
     return out
 
   return fn
 
 
+class TrainInput:
+  """Infinite iterator of this host's training batches (see `make_train_iter`).
+
+  Attributes:
+    num_examples: examples in one pass over this host's (filtered, extra-copied) train split.
+    num_examples_global: the same over all hosts: one epoch of the global stream.
+  """
+
+  def __init__(self, iterator: Iterator[Batch], num_examples: int):
+    self._iterator = iterator
+    self.num_examples = num_examples
+    self._global = None
+
+  @property
+  def num_examples_global(self) -> int:
+    """A collective over hosts on first use: every process must ask."""
+    if self._global is None:
+      self._global = _sum_over_hosts(self.num_examples)
+    return self._global
+
+  def __iter__(self) -> 'TrainInput':
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._iterator)
+
+
+def batch_keys(data_cfg: Any) -> tuple[str, ...]:
+  """The features a batch carries: 'image', config.data.target, then config.data.inputs."""
+  keys = ['image', str(_get(data_cfg, 'target', 'labels'))]
+  keys += [k for k in _get(data_cfg, 'inputs', ()) if k not in keys]
+  return tuple(keys)
+
+
 def make_train_iter(
   data_cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0
-) -> Iterator[Batch]:
+) -> TrainInput:
   """Infinite iterator of this host's training batches, starting at step `start_step`.
 
-  Yields {'image': float32 [b, H, W, C], 'labels': float32 [b, K]} with b = global_batch_size //
-  process_count and K = len(config.data.classes). Deterministic in (seed, start_step).
+  Yields {'image': float32 [b, H, W, C], 'labels': float32 [b, K] (or another target, and the
+  model's extra inputs: `batch_keys`)} with b = global_batch_size // process_count and K =
+  len(config.data.classes). Deterministic in (seed, start_step). Its `num_examples` is the
+  split's size after filtering (counted once, here).
   """
-  _hide_gpus_from_tf()
+  tf_devices.hide_accelerators()
   batch = local_batch_size(global_batch_size)
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
@@ -253,7 +285,8 @@ def make_train_iter(
   split = _get(data_cfg, 'train_split', 'train')
   extra = _get(data_cfg, 'extra_copies', '')
   copies = load_extra_copies(extra) if extra else None
-  base, n = _read(builder, split, data_cfg, ('image', 'labels'), copies)
+  keys = batch_keys(data_cfg)
+  base, n = _read(builder, split, data_cfg, keys, copies)
   if n == 0:
     raise ValueError(
       f'No training examples in {_name(data_cfg)!r} split {split!r} after filtering.'
@@ -283,11 +316,11 @@ def make_train_iter(
   ds = ds.enumerate(start=first_epoch * n).skip(offset)  # Skip before decoding: cheap.
   pp = _get(data_cfg, 'pp_train', '')
   ds = ds.map(
-    _preprocess_map(builder, pp, ('image', 'labels'), augment_root),
+    _preprocess_map(builder, pp, keys, augment_root),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   ds = ds.batch(batch, drop_remainder=True).prefetch(int(_get(data_cfg, 'prefetch', 2)))
-  return ds.with_options(_options()).as_numpy_iterator()
+  return TrainInput(ds.with_options(_options()).as_numpy_iterator(), n)
 
 
 class EvalInput:
@@ -297,8 +330,9 @@ class EvalInput:
     num_examples: real examples on this host (after class filtering).
     num_batches: batches every host yields (max over hosts), padding included.
     batch_size: local batch size b.
-  Batches: {'image': float32 [b, H, W, C], 'labels': float32 [b, K], 'mask': float32 [b]
-  (1 real, 0 padding), 'image_id': str array [b] ('' for padding)}.
+  Batches: {'image': float32 [b, H, W, C], 'labels': float32 [b, K] (or the configured target
+  and inputs), 'mask': float32 [b] (1 real, 0 padding), 'image_id': str array [b] ('' for
+  padding)}.
   """
 
   def __init__(
@@ -321,28 +355,24 @@ class EvalInput:
   def _template(self) -> Batch:
     """A zero batch from the static element spec, for hosts that have no real example."""
     spec = self._dataset.element_spec
-    if not all(spec[k].shape[1:].is_fully_defined() for k in ('image', 'labels')):
+    keys = [k for k in spec if k != 'image_id']
+    if not all(spec[k].shape[1:].is_fully_defined() for k in keys):
       raise ValueError(
         f'Cannot pad: this host has no eval examples and shapes are not static: {spec}'
       )
-    return {
-      'image': np.zeros((0, *spec['image'].shape[1:]), np.float32),
-      'labels': np.zeros((0, *spec['labels'].shape[1:]), np.float32),
-      'mask': np.zeros((0,), np.float32),
-      'image_id': np.zeros((0,), '<U1'),
-    }
+    out = {k: np.zeros((0, *spec[k].shape[1:]), spec[k].dtype.as_numpy_dtype) for k in keys}
+    out['mask'] = np.zeros((0,), np.float32)
+    out['image_id'] = np.zeros((0,), '<U1')
+    return out
 
   def __iter__(self) -> Iterator[Batch]:
     count = 0
     template = None
     for raw in self._dataset.as_numpy_iterator():
-      real = len(raw['labels'])
-      out = {
-        'image': raw['image'],
-        'labels': raw['labels'],
-        'mask': np.ones([real], np.float32),
-        'image_id': np.array([s.decode('utf-8') for s in raw['image_id']]),
-      }
+      real = len(raw['image'])
+      out = {k: v for k, v in raw.items() if k != 'image_id'}
+      out['mask'] = np.ones([real], np.float32)
+      out['image_id'] = np.array([s.decode('utf-8') for s in raw['image_id']])
       if real < self.batch_size:
         pad = self._padding_like(out)
         out = {k: np.concatenate([v, pad[k][: self.batch_size - real]]) for k, v in out.items()}
@@ -355,6 +385,14 @@ class EvalInput:
         yield {k: v.copy() for k, v in pad.items()}
 
 
+def _sum_over_hosts(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+
 def _max_over_hosts(value: int) -> int:
   if jax.process_count() == 1:
     return value
@@ -365,15 +403,16 @@ def _max_over_hosts(value: int) -> int:
 
 def make_eval_iter(data_cfg: Any, split: str, *, global_batch_size: int) -> EvalInput:
   """Evaluation input over `split` for this host: every example once, padded, in file order."""
-  _hide_gpus_from_tf()
+  tf_devices.hide_accelerators()
   batch = local_batch_size(global_batch_size)
   builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
-  ds, n = _read(builder, split, data_cfg, ('image', 'labels', 'image_id'))
+  keys = (*batch_keys(data_cfg), 'image_id')
+  ds, n = _read(builder, split, data_cfg, keys)
   # Seeds only matter if pp_eval has random ops; fixed ones keep evaluation repeatable.
   root = tf.constant([0, jax.process_index()], tf.int64)
   pp = _get(data_cfg, 'pp_eval', '')
   ds = ds.enumerate().map(
-    _preprocess_map(builder, pp, ('image', 'labels', 'image_id'), root),
+    _preprocess_map(builder, pp, keys, root),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   ds = ds.batch(batch).prefetch(int(_get(data_cfg, 'prefetch', 2))).with_options(_options())
@@ -390,7 +429,7 @@ def iterate_box_split(data_cfg: Any, split: str, pp: str, *, limit: int | None =
   .classes), 'boxes': float32 [M, 4] normalised (ymin, xmin, ymax, xmax) in the preprocessed
   frame, 'box_classes': list of M class names}.
   """
-  _hide_gpus_from_tf()
+  tf_devices.hide_accelerators()
   builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
   if 'objects' not in builder.info.features:
     raise ValueError(f'{_name(data_cfg)!r} has no boxes (feature "objects").')

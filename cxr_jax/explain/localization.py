@@ -5,18 +5,27 @@ Metrics (per ground-truth box, over the boxes predicted from that class's heat m
   al., ChestX-ray8). Each takes its best value over the predicted boxes (0 when there are none).
 - Accuracy at T: the fraction of ground-truth boxes with IoU > T (strictly: "above a
   threshold", paper 002), likewise T(IoBB).
+- Average false positives at T, AFP (Wang et al. 2017, ChestX-ray8, Table 3): a predicted box
+  is a false positive at T when its IoU (`afp_iou`) or IoBB (`afp_iobb`) with every
+  ground-truth box of its (image, class) is <= T (the complement of the accuracy's "> T").
+  AFP = false-positive boxes / (image, class) groups, i.e. per heat map evaluated. Wang et al.
+  count per image; within one class each image has one heat map, so the per-class values are
+  theirs; the pooled value stays a per-heat-map rate instead of adding up the classes of an
+  image (which would grow with the number of classes an image has boxes for). Accuracy alone
+  rewards boxing everything (mode='all', low thresholds); AFP shows the price.
 - Per class, then `mean`: the unweighted mean over the classes that have boxes (paper 002's
   Mean column, Table 1), and `pooled`: the mean over all boxes (paper 004's "average IoU" in
-  Table 3 is this one: its 0.3014 is the box-count-weighted mean of its per-class values).
+  Table 3 is this one: its 0.3014 is the box-count-weighted mean of its per-class values);
+  the pooled AFP is over all (image, class) groups.
 
 Records (one per ground-truth box, made by the `localize` stage):
   {'image_id': str, 'class': str, 'gt': Box, 'pred': [Box, ...], 'prob': float,
    'predicted': bool}
-Boxes are (x, y, w, h) in one pixel frame (see `boxes` and `overlays`).
+Boxes are (x, y, w, h) in one pixel frame (see `boxes` and `overlays`). The records of one
+(image_id, class) share one heat map, hence the same 'pred' (and 'predicted'); a record
+without 'image_id' is a group of its own.
 """
 
-import csv
-import io
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -118,14 +127,46 @@ def threshold_key(t: float) -> str:
   return f'{float(t):g}'
 
 
-def _summary(ious: np.ndarray, iobbs: np.ndarray, thresholds: Sequence[float]) -> dict[str, Any]:
+def _summary(ious: np.ndarray, iobbs: np.ndarray, thresholds: Sequence[float],
+             fps: np.ndarray, num_pred: int) -> dict[str, Any]:
+  """Summary of boxes with overlaps ious, iobbs [N] and groups with false positives
+  fps [G, 2, T] (IoU, IoBB; at each threshold) holding num_pred counted predicted boxes."""
+  afp = fps.sum(axis=0) / fps.shape[0]  # [2, T]
   return {
       'num_boxes': int(ious.size),
       'mean_iou': float(ious.mean()),
       'mean_iobb': float(iobbs.mean()),
       'acc_iou': {threshold_key(t): float((ious > t).mean()) for t in thresholds},
       'acc_iobb': {threshold_key(t): float((iobbs > t).mean()) for t in thresholds},
+      'num_groups': int(fps.shape[0]),
+      'num_pred_boxes': int(num_pred),
+      'afp_iou': {threshold_key(t): float(v) for t, v in zip(thresholds, afp[0], strict=True)},
+      'afp_iobb': {threshold_key(t): float(v) for t, v in zip(thresholds, afp[1], strict=True)},
   }
+
+
+def false_positives(gts: Sequence[Box], preds: Sequence[Box], thresholds: Sequence[float]
+                    ) -> np.ndarray:
+  """False-positive counts [2, T] (rows IoU, IoBB) of the predicted boxes of one heat map.
+
+  A box of preds [M] is a false positive at T when its overlap with every box of gts [N] (the
+  experts' boxes of that image and class) is <= T; with no GT box every predicted box is one.
+  """
+  t = np.asarray(thresholds, np.float64).reshape(-1)
+  if len(preds) == 0:
+    return np.zeros((2, t.size), np.int64)
+  gt_arr = np.asarray([g[:4] for g in gts], np.float64).reshape(-1, 4)
+  pred_arr = np.asarray([p[:4] for p in preds], np.float64)
+  counts = []
+  for overlap in (pairwise_iou(gt_arr, pred_arr), pairwise_iobb(gt_arr, pred_arr)):
+    best = overlap.max(axis=0) if len(gt_arr) else np.zeros(len(pred_arr))  # [M]
+    counts.append((best[:, None] <= t[None]).sum(axis=0))
+  return np.stack(counts).astype(np.int64)
+
+
+def _box_key(boxes: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
+  # Records read back from JSON hold lists; compare values, not containers.
+  return tuple(tuple(float(v) for v in b[:4]) for b in boxes)
 
 
 def localization_metrics(records: Iterable[Mapping[str, Any]], class_names: Sequence[str], *,
@@ -134,24 +175,35 @@ def localization_metrics(records: Iterable[Mapping[str, Any]], class_names: Sequ
   """Per-class and mean localisation metrics of `records` (see module doc); JSON-serialisable.
 
   Args:
-    records: one per ground-truth box, with 'class', 'gt', 'pred' (and 'predicted' when
-      require_prediction).
+    records: one per ground-truth box, with 'class', 'gt', 'pred', 'image_id' (and
+      'predicted' when require_prediction).
     class_names: the model's classes; a record of another class raises ValueError.
-    iou_thresholds: the T of the accuracies (used for IoU and IoBB alike).
+    iou_thresholds: the T of the accuracies and AFPs (used for IoU and IoBB alike).
     require_prediction: count a box of a class the model did not predict for that image
       ('predicted' False) as a miss (IoU = IoBB = 0); it stays in the denominator, so every
-      model is scored on the same boxes.
+      model is scored on the same boxes. Likewise the predicted boxes of such an (image,
+      class) are no false positives (the model does not claim the class), and the group stays
+      in the AFP's denominator.
 
   Returns:
     {'iou_thresholds', 'require_prediction', 'class_names' (those with >= 1 box, in
      class_names order), 'num_boxes', 'per_class': {class: summary}, 'mean': class-mean
      summary + 'num_boxes', 'pooled': summary over all boxes}; a summary is {'num_boxes',
-    'mean_iou', 'mean_iobb', 'acc_iou': {'0.3': acc, ...}, 'acc_iobb': {...}}. With no box
-    at all, the mean and pooled values are None.
+    'mean_iou', 'mean_iobb', 'acc_iou': {'0.3': acc, ...}, 'acc_iobb': {...}, 'num_groups'
+    ((image, class) groups = heat maps), 'num_pred_boxes' (predicted boxes counted for AFP),
+    'afp_iou': {'0.3': false positives per group, ...}, 'afp_iobb': {...}}; in 'mean' the
+    counts are totals and the rest class means. With no box at all, the mean and pooled
+    values are None.
+
+  Raises:
+    ValueError: a record of an unknown class, without 'predicted' under require_prediction,
+      or whose 'pred' / 'predicted' differ from those of its (image_id, class) group.
   """
   thresholds = [float(t) for t in iou_thresholds]
   known = list(class_names)
   overlaps: dict[str, list[tuple[float, float]]] = {c: [] for c in known}
+  # (image_id, class) -> (its first record's index, pred, counted, [gt, ...]).
+  groups: dict[tuple[Any, str], tuple[int, list[Box], bool, list[Box]]] = {}
   for i, rec in enumerate(records):
     cls = rec['class']
     if cls not in overlaps:
@@ -159,16 +211,38 @@ def localization_metrics(records: Iterable[Mapping[str, Any]], class_names: Sequ
                        f'is not one of the model classes {known}')
     if require_prediction and 'predicted' not in rec:
       raise ValueError(f"localisation record {i}: require_prediction needs its 'predicted'")
-    if require_prediction and not rec['predicted']:
-      overlaps[cls].append((0.0, 0.0))
+    pred = list(rec.get('pred') or ())
+    counted = not require_prediction or bool(rec['predicted'])
+    if counted:
+      overlaps[cls].append(best_overlap(rec['gt'], pred))
     else:
-      overlaps[cls].append(best_overlap(rec['gt'], rec.get('pred') or ()))
+      overlaps[cls].append((0.0, 0.0))
+    key = (rec['image_id'], cls) if 'image_id' in rec else (object(), cls)
+    if key not in groups:
+      groups[key] = (i, pred, counted, [rec['gt']])
+      continue
+    first, first_pred, first_counted, gts = groups[key]
+    if _box_key(pred) != _box_key(first_pred) or counted != first_counted:
+      what = "'pred'" if counted == first_counted else "'predicted'"
+      raise ValueError(f'localisation records {first} and {i} ({key[0]!r}, {cls!r}): one image '
+                       f'and class have one heat map, but their {what} differ')
+    gts.append(rec['gt'])
+
+  # False positives [G, 2, T] and counted predicted boxes, per class.
+  fps: dict[str, list[np.ndarray]] = {c: [] for c in known}
+  num_pred: dict[str, int] = dict.fromkeys(known, 0)
+  for (_, cls), (_, pred, counted, gts) in groups.items():
+    if counted:
+      fps[cls].append(false_positives(gts, pred, thresholds))
+      num_pred[cls] += len(pred)
+    else:
+      fps[cls].append(np.zeros((2, len(thresholds)), np.int64))
 
   with_boxes = [c for c in known if overlaps[c]]
   per_class = {}
   for c in with_boxes:
     arr = np.asarray(overlaps[c], np.float64)
-    per_class[c] = _summary(arr[:, 0], arr[:, 1], thresholds)
+    per_class[c] = _summary(arr[:, 0], arr[:, 1], thresholds, np.stack(fps[c]), num_pred[c])
   num_boxes = sum(len(overlaps[c]) for c in with_boxes)
 
   def class_mean(get) -> float | None:
@@ -180,13 +254,22 @@ def localization_metrics(records: Iterable[Mapping[str, Any]], class_names: Sequ
   for key in ('acc_iou', 'acc_iobb'):
     mean[key] = {threshold_key(t): class_mean(lambda s, key=key, t=t: s[key][threshold_key(t)])
                  for t in thresholds}
+  mean['num_groups'] = len(groups)
+  mean['num_pred_boxes'] = sum(num_pred.values())
+  for key in ('afp_iou', 'afp_iobb'):
+    mean[key] = {threshold_key(t): class_mean(lambda s, key=key, t=t: s[key][threshold_key(t)])
+                 for t in thresholds}
   if with_boxes:
     arr = np.concatenate([np.asarray(overlaps[c], np.float64) for c in with_boxes])
-    pooled = _summary(arr[:, 0], arr[:, 1], thresholds)
+    all_fps = np.concatenate([np.stack(fps[c]) for c in with_boxes])
+    pooled = _summary(arr[:, 0], arr[:, 1], thresholds, all_fps, mean['num_pred_boxes'])
   else:
     pooled = {'num_boxes': 0, 'mean_iou': None, 'mean_iobb': None,
               'acc_iou': {threshold_key(t): None for t in thresholds},
-              'acc_iobb': {threshold_key(t): None for t in thresholds}}
+              'acc_iobb': {threshold_key(t): None for t in thresholds},
+              'num_groups': 0, 'num_pred_boxes': 0,
+              'afp_iou': {threshold_key(t): None for t in thresholds},
+              'afp_iobb': {threshold_key(t): None for t in thresholds}}
   return {
       'iou_thresholds': thresholds,
       'require_prediction': bool(require_prediction),
@@ -196,111 +279,3 @@ def localization_metrics(records: Iterable[Mapping[str, Any]], class_names: Sequ
       'mean': mean,
       'pooled': pooled,
   }
-
-
-# ------------------------------------------------------------------------------ tables
-def _fmt(x: float | None, digits: int) -> str:
-  return 'n/a' if x is None else f'{x:.{digits}f}'
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
-  """A GitHub markdown table; the first `left` columns left-aligned, numbers right-aligned."""
-  rule = ['---'] * left + ['---:'] * (len(header) - left)
-  return '\n'.join('| ' + ' | '.join(line) + ' |' for line in (header, rule, *rows))
-
-
-def _columns(results: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[str], str]:
-  """Classes with boxes in any model (first-seen order), their column heads, and a note on
-  the abbreviations ('' when full names are used)."""
-  classes: list[str] = []
-  for m in results.values():
-    classes += [c for c in m['class_names'] if c not in classes]
-  if classes and all(c in ABBREVIATIONS for c in classes):
-    note = 'Abbreviations: ' + ', '.join(f'{ABBREVIATIONS[c]} = {c}' for c in classes) + '.'
-    return classes, [ABBREVIATIONS[c] for c in classes], note
-  return classes, list(classes), ''
-
-
-def _boxes_note(results: Mapping[str, Mapping[str, Any]]) -> str:
-  parts = []
-  for name, m in results.items():
-    scope = ', a box of a class the model did not predict counts as a miss' if m.get(
-        'require_prediction') else ''
-    parts.append(f'{name}: {m["num_boxes"]} boxes{scope}')
-  return '; '.join(parts) + '.'
-
-
-def _accuracy_table(results: Mapping[str, Mapping[str, Any]], thresholds: Sequence[float],
-                    metric: str) -> str:
-  classes, heads, note = _columns(results)
-  label = 'IoU' if metric == 'acc_iou' else 'IoBB'
-  rows = []
-  for t in thresholds:
-    key = threshold_key(t)
-    for i, (name, m) in enumerate(results.items()):
-      values = [m['per_class'][c][metric].get(key) if c in m['per_class'] else None
-                for c in classes]
-      mean = m['mean'][metric].get(key)
-      rows.append([key if i == 0 else '', name, *(_fmt(v, 2) for v in values), _fmt(mean, 2)])
-  lines = [_md_table([f'T({label})', 'Model', *heads, 'Mean'], rows, left=2), '']
-  lines.append(f'A ground-truth box counts as localised when its best {label} with a predicted '
-               f'box is > T; Mean is the mean over classes. {note}'.rstrip())
-  lines.append(_boxes_note(results))
-  return '\n'.join(lines)
-
-
-def _mean_iou_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-  classes, heads, note = _columns(results)
-  rows = []
-  for name, m in results.items():
-    values = [m['per_class'][c]['mean_iou'] if c in m['per_class'] else None for c in classes]
-    rows.append([name, *(_fmt(v, 4) for v in values), _fmt(m['mean']['mean_iou'], 4),
-                 _fmt(m.get('pooled', {}).get('mean_iou'), 4)])
-  lines = [_md_table(['Model', *heads, 'Mean', 'All boxes'], rows), '']
-  lines.append('Mean IoU of each ground-truth box with its best predicted box (0 when none). '
-               'Mean: over classes; All boxes: over all boxes (paper 004\'s "average IoU"). '
-               f'{note}'.rstrip())
-  lines.append(_boxes_note(results))
-  return '\n'.join(lines)
-
-
-def markdown_tables(results: Mapping[str, Mapping[str, Any]], *,
-                    thresholds: Sequence[float] = (0.3, 0.5, 0.7)) -> str:
-  """Localisation tables for several models side by side, in the papers' layouts.
-
-  results: {model label: `localization_metrics` dict}, in display order. Gives accuracy at
-  T(IoU) (paper 002 Table 1), mean IoU per class (paper 004 Table 3), and accuracy at T(IoBB)
-  (Wang et al.), each under a '##' heading.
-  """
-  if not results:
-    raise ValueError('markdown_tables needs at least one model')
-  parts = ['## Localisation accuracy, T(IoU) (paper 002, Table 1)', '',
-           _accuracy_table(results, thresholds, 'acc_iou'), '',
-           '## Mean IoU per class (paper 004, Table 3)', '', _mean_iou_table(results), '',
-           '## Localisation accuracy, T(IoBB) (Wang et al.)', '',
-           _accuracy_table(results, thresholds, 'acc_iobb')]
-  return '\n'.join(parts) + '\n'
-
-
-def csv_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-  """All numbers of `results` ({model: localization_metrics dict}) as long-format CSV rows
-  model,class,metric,threshold,value; class 'Mean' is the mean over classes, 'All boxes' the
-  pooled one; threshold is empty for num_boxes / mean_iou / mean_iobb, value empty for None."""
-  buf = io.StringIO()
-  writer = csv.writer(buf, lineterminator='\n')
-  writer.writerow(['model', 'class', 'metric', 'threshold', 'value'])
-  for name, m in results.items():
-    groups = [*((c, m['per_class'][c]) for c in m['class_names']), ('Mean', m['mean'])]
-    if 'pooled' in m:
-      groups.append(('All boxes', m['pooled']))
-    for cls, summary in groups:
-      for key in ('num_boxes', 'mean_iou', 'mean_iobb'):
-        writer.writerow([name, cls, key, '', _csv_value(summary[key])])
-      for key in ('acc_iou', 'acc_iobb'):
-        for t, v in summary[key].items():
-          writer.writerow([name, cls, key, t, _csv_value(v)])
-  return buf.getvalue()
-
-
-def _csv_value(v: Any) -> str:
-  return '' if v is None else repr(v) if isinstance(v, float) else str(v)

@@ -20,7 +20,6 @@ written atomically.
 import dataclasses
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +27,8 @@ from matplotlib import patches
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import ndimage
+
+from cxr_jax.io_utils import atomic_write_bytes
 
 Box = tuple[float, float, float, float]  # x, y, w, h in pixels of the image drawn
 Finding = tuple[str, float]  # class name, probability
@@ -201,17 +202,5 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def save_png(fig: Figure, path: str | os.PathLike) -> None:
-  """Renders `fig` to PNG and writes it atomically (temp file in the same folder + rename)."""
-  data = png_bytes(fig)
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Renders `fig` to PNG and writes it atomically (cxr_jax.io_utils)."""
+  atomic_write_bytes(path, png_bytes(fig))

@@ -4,7 +4,8 @@ XLA:CPU lowers `feature_group_count=C` convolutions (and above all their gradien
 generic loops; a k x k depthwise convolution is only k*k multiply-adds per output element, which
 XLA fuses into one elementwise loop when written as slices. Parameters are laid out exactly as
 `flax.linen.Conv(feature_group_count=C)` lays them out ([kh, kw, 1, C]), so checkpoints and
-imported weights work with either implementation.
+imported weights work with either implementation. Both support dilation (atrous convolution,
+used by MobileNet's `output_stride` < 32), with the same 'SAME' padding.
 """
 
 from typing import Any
@@ -15,25 +16,30 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  """TF/XLA 'SAME' padding (extra pixel after), for one spatial dimension."""
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+  """TF/XLA 'SAME' padding (extra pixel after), for one spatial dimension; a dilated kernel
+  spans (kernel - 1) * dilation + 1 pixels."""
   out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
+  span = (kernel - 1) * dilation + 1
+  total = max((out - 1) * stride + span - size, 0)
   return total // 2, total - total // 2
 
 
-def depthwise_conv_shifts(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """'SAME' depthwise convolution: x [B, H, W, C], kernel [kh, kw, 1, C] -> [B, H', W', C]."""
+def depthwise_conv_shifts(x: jax.Array, kernel: jax.Array, stride: int,
+                          dilation: int = 1) -> jax.Array:
+  """'SAME' depthwise convolution: x [B, H, W, C], kernel [kh, kw, 1, C] -> [B, H', W', C],
+  H' = ceil(H / stride); tap (i, j) reads the input `dilation` * (i, j) pixels further."""
   kh, kw = kernel.shape[:2]
   _, h, w, _ = x.shape
-  ph, pw = same_padding(h, kh, stride), same_padding(w, kw, stride)
+  ph, pw = same_padding(h, kh, stride, dilation), same_padding(w, kw, stride, dilation)
   xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
   ho, wo = -(-h // stride), -(-w // stride)
   out = None
   for i in range(kh):
     for j in range(kw):
-      tap = lax.slice(xp, (0, i, j, 0),
-                      (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
+      di, dj = i * dilation, j * dilation
+      tap = lax.slice(xp, (0, di, dj, 0),
+                      (xp.shape[0], di + (ho - 1) * stride + 1, dj + (wo - 1) * stride + 1,
                        xp.shape[3]), (1, stride, stride, 1))
       term = tap * kernel[i, j, 0]
       out = term if out is None else out + term
@@ -41,23 +47,29 @@ def depthwise_conv_shifts(x: jax.Array, kernel: jax.Array, stride: int) -> jax.A
 
 
 class DepthwiseConv(nn.Module):
-  """k x k depthwise convolution without bias; `impl` 'shifts' (fast on CPU) or 'xla'."""
+  """k x k depthwise convolution without bias; `impl` 'shifts' (fast on CPU) or 'xla'.
+
+  `dilation` spaces the taps (atrous); the parameters do not depend on it.
+  """
 
   kernel_size: int = 3
   strides: int = 1
   impl: str = 'shifts'
+  dilation: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    """x [B, H, W, C] -> [B, ceil(H / strides), ceil(W / strides), C] in `dtype`."""
     c = x.shape[-1]
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (self.kernel_size, self.kernel_size, 1, c))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if self.impl == 'shifts':
-      return depthwise_conv_shifts(x, kernel, self.strides)
+      return depthwise_conv_shifts(x, kernel, self.strides, self.dilation)
     if self.impl == 'xla':
       return lax.conv_general_dilated(
-          x, kernel, (self.strides, self.strides), 'SAME', feature_group_count=c,
+          x, kernel, (self.strides, self.strides), 'SAME',
+          rhs_dilation=(self.dilation, self.dilation), feature_group_count=c,
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     raise ValueError(f"depthwise impl={self.impl!r}; valid: 'shifts', 'xla'")

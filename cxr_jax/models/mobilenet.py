@@ -7,6 +7,12 @@ whose logits go through a sigmoid (multi-label) instead of the original softmax.
 Intermediate maps are sown into the 'intermediates' collection under stable names
 (`conv_stem`, `block_1` ... `block_13`, `features` = last map before pooling [B, h, w, C],
 `pooled` = [B, C]) for attention branches, CAM and PDA.
+
+`output_stride` (input size / last map size, 32 for MobileNet) can be lowered to 16 or 8 as
+DeepLab (Chen et al. 2017) and TF-slim's `mobilenet_v1_base` do: the stride-2 blocks that would
+take the map past it run at stride 1, and every depthwise convolution after them is dilated by
+the stride removed so far, so each keeps its receptive field in input pixels. The parameters are
+the same for every output stride (only the maps grow), so checkpoints load into any of them.
 """
 
 from collections.abc import Callable, Sequence
@@ -35,6 +41,7 @@ class ConvBN(nn.Module):
   features: int
   kernel_size: int
   strides: int = 1
+  dilation: int = 1  # depthwise only (a 1 x 1 convolution has nothing to dilate)
   depthwise: bool = False
   depthwise_impl: str = 'shifts'
   activation: str = 'relu'
@@ -47,7 +54,7 @@ class ConvBN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     if self.depthwise:
       x = DepthwiseConv(self.kernel_size, self.strides, impl=self.depthwise_impl,
-                        dtype=self.dtype, name='conv')(x)
+                        dilation=self.dilation, dtype=self.dtype, name='conv')(x)
     else:
       x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
                   padding='SAME', use_bias=False, dtype=self.dtype, name='conv')(x)
@@ -73,6 +80,10 @@ class MobileNetV1(nn.Module):
     blocks: (channels, stride) per depthwise separable block.
     depthwise_impl: 'shifts' (sum of shifted slices, much faster on XLA:CPU) or 'xla'
       (grouped convolution); same parameters, same results.
+    output_stride: the largest ratio of input to feature-map size (a power of 2, >= 2): blocks
+      whose stride would exceed it run at stride 1 with dilated depthwise convolutions after
+      them (see the module docstring). 32 (or more) changes nothing; 8 gives an 8 x 8 map at 64 px
+      for about 4x the FLOPs.
     dtype: compute dtype; parameters stay float32.
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
   """
@@ -86,11 +97,30 @@ class MobileNetV1(nn.Module):
   bn_epsilon: float = 1e-3
   blocks: Sequence[tuple[int, int]] = MOBILENET_V1_BLOCKS
   depthwise_impl: str = 'shifts'
+  output_stride: int = 32
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
 
   def _width(self, channels: int) -> int:
     return max(self.min_channels, int(channels * self.width_multiplier))
+
+  def block_strides(self) -> list[tuple[int, int]]:
+    """(stride, dilation) of each block's depthwise convolution under `output_stride`."""
+    os_ = self.output_stride
+    if os_ < 2 or os_ & (os_ - 1):
+      raise ValueError(f'MobileNetV1.output_stride must be a power of 2 >= 2 (the stem has '
+                       f'stride 2); got {os_}')
+    current, rate, out = 2, 1, []  # after the stem
+    for _, stride in self.blocks:
+      if current * stride > os_:
+        # TF-slim's rule: the block that loses its stride keeps the current rate; the blocks
+        # after it see a map `stride` times denser, hence the larger rate.
+        out.append((1, rate))
+        rate *= stride
+      else:
+        out.append((stride, rate))
+        current *= stride
+    return out
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
@@ -106,12 +136,14 @@ class MobileNetV1(nn.Module):
         depthwise_impl=self.depthwise_impl, activation=self.activation,
         bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
         bn_axis_name=self.bn_axis_name, dtype=self.dtype, **kw)
+    strides = self.block_strides()
     x = x.astype(self.dtype)
     x = conv(features=self._width(32), kernel_size=3, strides=2, name='stem')(x, train=train)
     self.sow('intermediates', 'conv_stem', x)
-    for i, (channels, stride) in enumerate(self.blocks, start=1):
-      x = conv(features=x.shape[-1], kernel_size=3, strides=stride, depthwise=True,
-               name=f'block_{i}_depthwise')(x, train=train)
+    for i, ((channels, _), (stride, dilation)) in enumerate(
+        zip(self.blocks, strides, strict=True), start=1):
+      x = conv(features=x.shape[-1], kernel_size=3, strides=stride, dilation=dilation,
+               depthwise=True, name=f'block_{i}_depthwise')(x, train=train)
       x = conv(features=self._width(channels), kernel_size=1,
                name=f'block_{i}_pointwise')(x, train=train)
       self.sow('intermediates', f'block_{i}', x)

@@ -22,9 +22,11 @@ from cxr_jax.models.mobilenet import MOBILENET_V1_BLOCKS, MobileNetV1
 @MODELS.register('mobilenet_lstm_attention')
 class MobileNetLSTMAttention(nn.Module):
   """Attributes: the backbone's (width_multiplier, activation, dropout_rate, blocks,
-  depthwise_impl) and the attention branch's (num_steps, hidden_size, attention_size, feedback);
-  freeze_backbone keeps the backbone's weights and BatchNorm statistics fixed (paper 000 trains
-  the branch on the trained classifier's feature maps)."""
+  depthwise_impl, output_stride: see MobileNetV1; output_stride sets the h x w locations the
+  attention chooses from, e.g. 8 x 8 at 64 px with 8) and the attention branch's (num_steps,
+  hidden_size, attention_size, feedback); freeze_backbone keeps the backbone's weights and
+  BatchNorm statistics fixed (paper 000 trains the branch on the trained classifier's feature
+  maps)."""
 
   num_classes: int
   width_multiplier: float = 1.0
@@ -32,6 +34,7 @@ class MobileNetLSTMAttention(nn.Module):
   dropout_rate: float = 0.0
   blocks: Sequence[tuple[int, int]] = MOBILENET_V1_BLOCKS
   depthwise_impl: str = 'shifts'
+  output_stride: int = 32
   num_steps: int = 3
   hidden_size: int = 16
   attention_size: int = 64
@@ -44,7 +47,8 @@ class MobileNetLSTMAttention(nn.Module):
     self.backbone = MobileNetV1(
         num_classes=self.num_classes, width_multiplier=self.width_multiplier,
         activation=self.activation, dropout_rate=self.dropout_rate, blocks=self.blocks,
-        depthwise_impl=self.depthwise_impl, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        depthwise_impl=self.depthwise_impl, output_stride=self.output_stride, dtype=self.dtype,
+        bn_axis_name=self.bn_axis_name)
     self.lstm_attention = LSTMAttention(
         num_classes=self.num_classes, num_steps=self.num_steps, hidden_size=self.hidden_size,
         attention_size=self.attention_size, feedback=self.feedback, dtype=self.dtype)

@@ -14,7 +14,8 @@ Two switches beyond torchvision:
   residual branch, before the addition with the shortcut (paper 001's feature attention module,
   r = 16).
 - `head='space_attention'` replaces GAP + `fc` by paper 001's space attention head
-  (cxr_jax/attention/space_attention.py; `sam_pool` picks Fig. 4's placement of the pooling).
+  (cxr_jax/attention/space_attention.py; `sam_pool` picks Fig. 4's placement of the pooling,
+  `sam_normalize` ParseNet's branch normalisation, `sam_init` the classifier's initialisation).
 - `replace_stride_with_dilation=(False, False, True)` keeps layer4 at stride 16 with dilated 3x3
   convolutions (torchvision's option of the same name): a finer last feature map for heat maps
   (14 x 14 at 224 px) with the same parameters.
@@ -152,6 +153,9 @@ class ResNet(nn.Module):
     head: 'gap_dense' (GAP + `fc`) or 'space_attention' (paper 001, module `space_attention`).
     sam_pool: the space attention head's pooling placement ('after_classifier' or
       'before_classifier', Fig. 4 of paper 001).
+    sam_normalize: the space attention head L2-normalises and scales each branch (ParseNet).
+    sam_init: its classifier init: 'tied' (W_l = W_g), 'zeros' or 'lecun' (independent halves).
+    sam_norm_scale: initial branch scale when `sam_normalize`.
     replace_stride_with_dilation: per stage 2-4, dilate instead of striding (torchvision).
     dtype: compute dtype; parameters stay float32, logits are float32.
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
@@ -165,6 +169,9 @@ class ResNet(nn.Module):
   width: int = 64
   head: str = 'gap_dense'
   sam_pool: str = 'after_classifier'
+  sam_normalize: bool = False
+  sam_init: str = 'tied'
+  sam_norm_scale: float = space_attention.NORM_SCALE_INIT
   replace_stride_with_dilation: Sequence[bool] = (False, False, False)
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
@@ -206,7 +213,9 @@ class ResNet(nn.Module):
     features = x
     if self.head == 'space_attention':
       logits = space_attention.SpaceAttentionHead(
-          self.num_classes, pool=self.sam_pool, dtype=self.dtype, name='space_attention')(x)
+          self.num_classes, pool=self.sam_pool, normalize=self.sam_normalize,
+          classifier_init=self.sam_init, norm_scale_init=self.sam_norm_scale, dtype=self.dtype,
+          name='space_attention')(x)
       return (logits, features) if return_features else logits
     x = jnp.mean(x, axis=(1, 2))
     self.sow('intermediates', 'pooled', x)
@@ -237,11 +246,16 @@ def score_map_fn(model: ResNet, variables: dict) -> Callable[[jax.Array], jax.Ar
 def _space_attention_fn(model: ResNet, variables: dict, *, score_map: bool
                         ) -> Callable[[jax.Array], jax.Array]:
   kernel, bias = space_attention.head_params(variables, ('space_attention',))
+  scales = space_attention.head_scales(variables, ('space_attention',))
+  if (scales is not None) != model.sam_normalize:
+    # Silently dropping (or lacking) the branch scales would give maps the model never computes.
+    raise ValueError(f'sam_normalize={model.sam_normalize} but the space attention parameters '
+                     f'{"have" if scales is not None else "lack"} local_scale/global_scale')
   dtype = model.dtype
 
   def fn(features: jax.Array) -> jax.Array:
     scores = space_attention.class_score_map(features.astype(dtype), kernel.astype(dtype),
-                                             bias.astype(dtype))
+                                             bias.astype(dtype), scales)
     out = scores if score_map else jnp.mean(scores, axis=(1, 2))
     return out.astype(jnp.promote_types(dtype, jnp.float32))
 

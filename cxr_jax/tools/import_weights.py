@@ -3,11 +3,11 @@
   python -m cxr_jax.tools.import_weights --source=torchvision --arch=resnet50 \\
       --input=resnet50-11ad3fa6.pth --output=weights/resnet50_nih --num_classes=14
 
-writes DIR/variables (orbax: {'params', 'batch_stats'}) and DIR/import.json (arch, source,
+writes DIR/variables (orbax: {'params', 'batch_stats'}) and its description (arch, source,
 input file and its sha256, num_classes, the model's constructor arguments, and `head_paths`:
 the leaves initialised here rather than imported). `cxr_jax.pretrained.load_checkpoint(DIR)`
-reads it back as (model, variables). The write is atomic (DIR.tmp, then a rename); a
-non-empty DIR is refused unless --overwrite.
+reads it back as (model, variables) (the IO itself is in cxr_jax/checkpoints.py). The write
+is atomic (DIR.tmp, then a rename); a non-empty DIR is refused unless --overwrite.
 """
 
 import argparse

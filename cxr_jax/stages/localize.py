@@ -8,84 +8,29 @@ For every model of `config.report_models` and every image of `config.localize.sp
    upsampled to the model input and turned into boxes (cxr_jax/explain/boxes.py);
 3. only then are the experts' boxes read and matched (IoU, IoBB; explain/localization.py).
 
-`predict_boxes` (steps 1-2) takes images only: the predicted boxes cannot depend on ground truth
-(a test runs it with and without the boxes in the examples). Boxes are compared in the frame of
-the model input: preprocessing moves the ground-truth boxes with the image (a centre crop clips
-them; a box left with no area is skipped and counted in the output).
+`inference.predict_boxes` (steps 1-2) takes images only: the predicted boxes cannot depend on
+ground truth (a test runs it with and without the boxes in the examples). Boxes are compared in
+the frame of the model input: preprocessing moves the ground-truth boxes with the image (a
+centre crop clips them; a box left with no area is skipped and counted in the output).
 
-Writes `localize/<stage>/localization.json` (metrics + settings), `records.jsonl` (one line per
-ground-truth box: its predicted boxes, IoU, IoBB) and overlays of the first
-`config.localize.num_overlays` images (`localize/<stage>/overlays/`, ground truth red, prediction
-black).
+Writes per model (cxr_jax/layout.py): the metrics with their settings, one record per
+ground-truth box (its predicted boxes, IoU, IoBB) and overlays of the first
+`config.localize.num_overlays` images (ground truth red, prediction black).
 """
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
-from cxr_jax import predict
+from cxr_jax import inference, layout
 from cxr_jax.data import pipeline
 from cxr_jax.explain import boxes as boxes_lib
-from cxr_jax.explain import cam, localization, overlays
-from cxr_jax.io_utils import atomic_write_json, atomic_write_text
-
-LOCALIZATION = 'localization.json'
-
-
-def class_heatmaps(predictor: predict.Predictor, inter: dict[str, Any], method: str
-                   ) -> np.ndarray:
-  """Heat maps [N, h, w, K] of every class on the feature maps sown in `inter` ('cam' or
-  'grad_cam'; cxr_jax/explain/cam.py)."""
-  head = predictor.head_fn() if method == 'grad_cam' else None
-  score_map = predictor.score_map_fn() if method == 'cam' else None
-  return np.asarray(cam.class_maps(method, predictor.feature_maps(inter), head_fn=head,
-                                   score_map_fn=score_map))
-
-
-def heatmap_boxes(maps: np.ndarray, classes: Iterable[int], size: tuple[int, int],
-                  settings: boxes_lib.BoxSettings
-                  ) -> dict[int, tuple[np.ndarray, list[boxes_lib.Box]]]:
-  """One image's maps [h, w, K] -> {k: (heat map upsampled to `size` (H, W), its boxes in
-  those pixels)} for the class indices `classes`."""
-  out = {}
-  for k in classes:
-    heat = overlays.upsample(maps[..., k], size)
-    out[k] = (heat, boxes_lib.heatmap_to_boxes(heat, settings))
-  return out
-
-
-def predict_boxes(predictor: predict.Predictor, images: np.ndarray, *, method: str,
-                  settings: boxes_lib.BoxSettings,
-                  classes: Sequence[Iterable[int]] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, list[dict[int, list[boxes_lib.Box]]]]:
-  """Model outputs for a batch of preprocessed images; no ground truth goes in.
-
-  Args:
-    predictor: a trained stage (`predict.load_predictor`).
-    images: [N, H, W, C] preprocessed model inputs.
-    method: 'cam' or 'grad_cam'.
-    settings: heat map -> boxes settings.
-    classes: per image, the class indices to draw boxes for (default: every class).
-
-  Returns:
-    (probs [N, K], heat maps [N, h, w, K] at the feature map's resolution, boxes[n][k] = list
-    of (x, y, w, h) boxes in input pixels of the maps upsampled to the input).
-  """
-  logits, inter = predictor.forward(predictor.variables, images)
-  probs = np.asarray(jax.nn.sigmoid(np.asarray(logits, np.float32)))
-  maps = class_heatmaps(predictor, inter, method)
-  n, h, w = images.shape[:3]
-  every = range(maps.shape[-1])
-  found = [{k: b for k, (_, b) in heatmap_boxes(
-      maps[i], every if classes is None else classes[i], (h, w), settings).items()}
-      for i in range(n)]
-  return probs, maps, found
+from cxr_jax.explain import localization, overlays
+from cxr_jax.stages.base import STAGES, is_chief
 
 
 def _batches(examples: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
@@ -122,10 +67,11 @@ def match_records(example: dict[str, Any], probs: np.ndarray,
   return records, skipped
 
 
-def localize_model(predictor: predict.Predictor, examples: Iterable[dict[str, Any]],
-                   cfg: ml_collections.ConfigDict, out_dir: epath.Path, label: str
+def localize_model(predictor: inference.Predictor, examples: Iterable[dict[str, Any]],
+                   cfg: ml_collections.ConfigDict, run: layout.Run, label: str
                    ) -> dict[str, Any]:
-  """Runs one model over the examples; writes its files to out_dir; returns the metrics."""
+  """Runs one model over the examples; writes its files (localize/<stage>/); returns the
+  metrics."""
   settings = boxes_lib.BoxSettings.from_config(cfg.boxes)
   class_names = list(predictor.class_names)
   thresholds = predictor.thresholds
@@ -136,15 +82,16 @@ def localize_model(predictor: predict.Predictor, examples: Iterable[dict[str, An
     # truth, the boxes of a class never do.
     wanted = [{class_names.index(c) for c in ex['box_classes'] if c in class_names}
               for ex in batch]
-    probs, maps, found = predict_boxes(predictor, images, method=cfg.method, settings=settings,
-                                       classes=wanted)
+    probs, maps, found = inference.predict_boxes(predictor, images, method=cfg.method,
+                                                 settings=settings, classes=wanted)
     for i, ex in enumerate(batch):
       recs, s = match_records(ex, probs[i], found[i], class_names, thresholds)
       records += recs
       skipped += s
       n_images += 1
       if shown < cfg.num_overlays and recs:
-        _overlay(ex, recs, maps[i], class_names, label, cfg.method, out_dir / 'overlays')
+        _overlay(ex, recs, maps[i], class_names, label, cfg.method,
+                 run.localize_overlays_dir(predictor.stage))
         shown += 1
   if not records:
     raise ValueError(f'no ground-truth box of the classes {class_names} in the split '
@@ -154,9 +101,7 @@ def localize_model(predictor: predict.Predictor, examples: Iterable[dict[str, An
       require_prediction=cfg.require_prediction)
   metrics.update(method=cfg.method, boxes=settings.to_dict(), split=cfg.split,
                  num_images=n_images, num_boxes_skipped=skipped)
-  atomic_write_text(str(out_dir / 'records.jsonl'),
-                    ''.join(json.dumps(r) + '\n' for r in records))
-  atomic_write_json(str(out_dir / LOCALIZATION), metrics)
+  run.write_localization(predictor.stage, metrics, records)
   return metrics
 
 
@@ -179,20 +124,23 @@ def _overlay(ex: dict[str, Any], records: list[dict[str, Any]], maps: np.ndarray
                         out_path=str(out_dir / f'{name}.png'))
 
 
+@STAGES.register('localize')
 def localize_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Localisation metrics and overlays of every `config.report_models` model.
+  """Localisation metrics and overlays of every `config.report_models` model: CAM / Grad-CAM
+  boxes against the experts' boxes (papers 001, 002, 004), in localize/<stage>/.
 
   A small job (the NIH box split has 880 images) run by process 0 alone, on its local devices,
   so that only one host writes.
   """
-  if jax.process_index() != 0:
+  if not is_chief():
     return
   cfg = config.localize
   pp = cfg.pp or config.data.pp_eval
+  run = layout.Run(workdir)
   for stage, label in config.report_models:
-    predictor = predict.load_predictor(workdir, stage)
+    predictor = inference.load_predictor(workdir, stage)
     examples = pipeline.iterate_box_split(config.data, cfg.split, pp)
-    metrics = localize_model(predictor, examples, cfg, workdir / 'localize' / stage, label)
+    metrics = localize_model(predictor, examples, cfg, run, label)
     mean = metrics['mean']
     logging.info('localize %s (%s, %d boxes): mean IoU %.3f, accuracy at T(IoU)=0.3 %.3f, '
                  '0.5 %.3f.', stage, cfg.method, metrics['num_boxes'], mean['mean_iou'],

@@ -1,0 +1,286 @@
+"""The on-disk layout of a run: every file a stage leaves in a workdir, and its readers/writers.
+
+This is the only module that spells those names; every other module asks it for a path or calls
+its readers and writers. A run of `python -m cxr_jax.main` looks like this:
+
+  WORKDIR/
+    config.json                   the config the run was started with (read back validated)
+    <training stage>/             train_classifier, train_attention, train_hard_examples, ...
+      model.json                  what rebuilds the model without the config or the data
+      checkpoints/<step>/         the last N train states (orbax; cxr_jax/checkpoints.py)
+      best/<step>/                the best train state by the validation metric
+      logs/                       TensorBoard events
+    evaluate/<stage>/
+      metrics_<split>.json        `evaluate.compute_metrics` of the stage's best model
+      predictions_<split>.npz     image ids, labels, probabilities
+      thresholds.json             per-class operating points chosen on validation (optional)
+    mine_hard_examples/hard_examples.json    paper 001's set B
+    localize/<stage>/
+      localization.json  records.jsonl  overlays/*.png
+    explain/
+      index.json  *.pda.png  *.attention.png
+    report/                       report.md, metrics.json, roc.png, ... (the report stage)
+    predictions/                  default output of `python -m cxr_jax.predict`
+    <stage>/DONE.json             written last, when a stage finished
+
+Imported weights (`python -m cxr_jax.tools.import_weights`) are a folder of their own:
+`variables/` (orbax) and `import.json` (`IMPORT_META`).
+"""
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from cxr_jax.io_utils import atomic_write_json, atomic_write_npz, atomic_write_text
+
+# Training stages, later ones first: the default model of a run is its most refined one.
+TRAIN_STAGES = ('train_attention', 'train_hard_examples', 'train_classifier', 'train')
+
+IMPORT_META = 'import.json'
+IMPORT_VARIABLES = 'variables'
+
+_CONFIG = 'config.json'
+_MODEL_INFO = 'model.json'
+_DONE = 'DONE.json'
+_CHECKPOINTS = 'checkpoints'
+_BEST = 'best'
+_LOGS = 'logs'
+_EVALUATE = 'evaluate'
+_THRESHOLDS = 'thresholds.json'
+_HARD_EXAMPLES = ('mine_hard_examples', 'hard_examples.json')
+_LOCALIZE = 'localize'
+_LOCALIZATION = 'localization.json'
+_RECORDS = 'records.jsonl'
+_OVERLAYS = 'overlays'
+_EXPLAIN = 'explain'
+_EXPLAIN_INDEX = 'index.json'
+_REPORT = 'report'
+# What the report stage writes into report/, by kind.
+REPORT_FILES = {'markdown': 'report.md', 'metrics': 'metrics.json', 'roc': 'roc.png',
+                'confusion': 'confusion.png', 'localization_json': 'localization.json',
+                'localization_csv': 'localization.csv', 'heatmaps': 'heatmaps',
+                'localization_overlays': 'localization', 'thresholds': 'thresholds.csv'}
+_PREDICTIONS = 'predictions'
+
+
+class LayoutError(FileNotFoundError):
+  """A file a stage should have left is missing; the message names it and the stage."""
+
+
+def read_json(path: epath.Path, what: str) -> Any:
+  """Parses a JSON file; a missing file or bad JSON raises LayoutError / ValueError naming it."""
+  path = epath.Path(path)
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    raise LayoutError(f'{path}: not found; expected {what}.') from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: malformed JSON ({e}); expected {what}.') from None
+
+
+class StageDir:
+  """The folder of one training stage (`train_and_evaluate` writes it)."""
+
+  def __init__(self, path: str | epath.PathLike):
+    self.path = epath.Path(path)
+
+  @property
+  def name(self) -> str:
+    return self.path.name
+
+  @property
+  def model_info_file(self) -> epath.Path:
+    return self.path / _MODEL_INFO
+
+  @property
+  def checkpoints_dir(self) -> epath.Path:
+    return self.path / _CHECKPOINTS
+
+  @property
+  def best_dir(self) -> epath.Path:
+    return self.path / _BEST
+
+  @property
+  def logs_dir(self) -> epath.Path:
+    return self.path / _LOGS
+
+  def has_model(self) -> bool:
+    return self.model_info_file.exists()
+
+  def write_model_info(self, info: dict[str, Any]) -> None:
+    atomic_write_json(self.model_info_file, info)
+
+  def read_model_info(self) -> dict[str, Any]:
+    if not self.model_info_file.exists():
+      raise LayoutError(f'{self.model_info_file} not found: run the training stage '
+                        f'{self.name!r} of {self.path.parent} first.')
+    return read_json(self.model_info_file, f'the model description of stage {self.name!r}')
+
+
+class Run:
+  """A workdir of `python -m cxr_jax.main`: paths, readers and writers of what stages leave."""
+
+  def __init__(self, root: str | epath.PathLike):
+    self.root = epath.Path(root)
+
+  def __repr__(self) -> str:
+    return f'Run({str(self.root)!r})'
+
+  # ---------------------------------------------------------------------------- config
+  @property
+  def config_file(self) -> epath.Path:
+    return self.root / _CONFIG
+
+  def write_config_json(self, config_json: dict[str, Any]) -> None:
+    atomic_write_json(self.config_file, config_json)
+
+  def read_config_json(self) -> dict[str, Any]:
+    """config.json as a plain dict (what the run was started with)."""
+    return read_json(self.config_file, 'the config.json that python -m cxr_jax.main writes')
+
+  def has_config(self) -> bool:
+    return self.config_file.exists()
+
+  # ---------------------------------------------------------------------------- stages
+  def stage_dir(self, stage: str) -> epath.Path:
+    return self.root / stage
+
+  def stage(self, stage: str) -> StageDir:
+    return StageDir(self.root / stage)
+
+  def done_file(self, stage: str) -> epath.Path:
+    return self.root / stage / _DONE
+
+  def is_done(self, stage: str) -> bool:
+    return self.done_file(stage).exists()
+
+  def mark_done(self, stage: str, seconds: float) -> None:
+    atomic_write_json(self.done_file(stage), {'seconds': round(seconds, 1),
+                                              'finished': time.strftime('%Y-%m-%d %H:%M:%S')})
+
+  def trained_stages(self, candidates: Iterable[str] = TRAIN_STAGES) -> list[str]:
+    """The stages among `candidates` that have a trained model (model.json), in that order."""
+    return [s for s in candidates if self.stage(s).has_model()]
+
+  # ---------------------------------------------------------------------------- evaluate
+  def eval_dir(self, stage: str) -> epath.Path:
+    return self.root / _EVALUATE / stage
+
+  def metrics_file(self, stage: str, split: str) -> epath.Path:
+    return self.eval_dir(stage) / f'metrics_{split}.json'
+
+  def predictions_file(self, stage: str, split: str) -> epath.Path:
+    return self.eval_dir(stage) / f'predictions_{split}.npz'
+
+  def thresholds_file(self, stage: str) -> epath.Path:
+    return self.eval_dir(stage) / _THRESHOLDS
+
+  def write_metrics(self, stage: str, split: str, metrics: dict[str, Any]) -> None:
+    atomic_write_json(self.metrics_file(stage, split), metrics)
+
+  def read_metrics(self, stage: str, split: str) -> dict[str, Any]:
+    path = self.metrics_file(stage, split)
+    if not path.exists():
+      raise LayoutError(f'{path}: not found; expected the {split!r} metrics of stage {stage!r} '
+                        f'(the evaluate stage of {self.root} writes them).')
+    return read_json(path, f'the {split!r} metrics of stage {stage!r}')
+
+  def write_predictions(self, stage: str, split: str, image_ids: list[str], labels: np.ndarray,
+                        probs: np.ndarray) -> None:
+    atomic_write_npz(self.predictions_file(stage, split), image_ids=np.asarray(image_ids),
+                     labels=labels, probs=probs)
+
+  def read_predictions(self, stage: str, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, labels [N, K], probabilities [N, K]) the evaluate stage wrote."""
+    path = self.predictions_file(stage, split)
+    if not path.exists():
+      raise LayoutError(f'{path}: not found; expected the {split!r} predictions of stage '
+                        f'{stage!r} (the evaluate stage of {self.root} writes them).')
+    with np.load(path) as f:
+      return [str(s) for s in f['image_ids']], f['labels'], f['probs']
+
+  def write_thresholds(self, stage: str, thresholds: dict[str, Any]) -> None:
+    atomic_write_json(self.thresholds_file(stage), thresholds)
+
+  def read_thresholds(self, stage: str) -> dict[str, Any] | None:
+    """The per-class operating points of `stage` chosen on validation, or None."""
+    path = self.thresholds_file(stage)
+    return read_json(path, 'per-class thresholds') if path.exists() else None
+
+  # ---------------------------------------------------------------------------- paper 001
+  @property
+  def hard_examples_file(self) -> epath.Path:
+    return self.root.joinpath(*_HARD_EXAMPLES)
+
+  def write_hard_examples(self, result: dict[str, Any]) -> None:
+    atomic_write_json(self.hard_examples_file, result)
+
+  # ---------------------------------------------------------------------------- localize
+  def localize_dir(self, stage: str) -> epath.Path:
+    return self.root / _LOCALIZE / stage
+
+  def localization_file(self, stage: str) -> epath.Path:
+    return self.localize_dir(stage) / _LOCALIZATION
+
+  def records_file(self, stage: str) -> epath.Path:
+    return self.localize_dir(stage) / _RECORDS
+
+  def localize_overlays_dir(self, stage: str) -> epath.Path:
+    return self.localize_dir(stage) / _OVERLAYS
+
+  def write_localization(self, stage: str, metrics: dict[str, Any],
+                         records: list[dict[str, Any]]) -> None:
+    atomic_write_text(self.records_file(stage), ''.join(json.dumps(r) + '\n' for r in records))
+    atomic_write_json(self.localization_file(stage), metrics)
+
+  def read_localization(self, stage: str) -> dict[str, Any] | None:
+    """The localisation metrics of `stage`, or None when the localize stage did not run."""
+    path = self.localization_file(stage)
+    if not path.exists():
+      return None
+    result = read_json(path, f'the localisation results of stage {stage!r}')
+    if not isinstance(result, dict):
+      raise ValueError(f'{path}: expected a JSON object from localization.localization_metrics.')
+    return result
+
+  # ---------------------------------------------------------------------------- explain
+  @property
+  def explain_dir(self) -> epath.Path:
+    return self.root / _EXPLAIN
+
+  @property
+  def explain_index_file(self) -> epath.Path:
+    return self.explain_dir / _EXPLAIN_INDEX
+
+  def write_explain_index(self, index: dict[str, Any]) -> None:
+    atomic_write_json(self.explain_index_file, index)
+
+  def read_explain_index(self) -> dict[str, Any] | None:
+    path = self.explain_index_file
+    return read_json(path, 'the explain stage index') if path.exists() else None
+
+  # ---------------------------------------------------------------------------- outputs
+  @property
+  def report_dir(self) -> epath.Path:
+    return self.root / _REPORT
+
+  def report_file(self, kind: str) -> epath.Path:
+    """report/<file> of one of `REPORT_FILES`'s kinds."""
+    if kind not in REPORT_FILES:
+      raise KeyError(f'report file kind {kind!r}; valid: {sorted(REPORT_FILES)}')
+    return self.report_dir / REPORT_FILES[kind]
+
+  @property
+  def predictions_dir(self) -> epath.Path:
+    return self.root / _PREDICTIONS
+
+
+def imported_weights_ready(directory: str | epath.PathLike) -> bool:
+  """Whether `directory` holds weights written by `python -m cxr_jax.tools.import_weights`."""
+  return (epath.Path(directory) / IMPORT_META).exists()

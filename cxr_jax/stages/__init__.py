@@ -1,0 +1,72 @@
+"""A method is an ordered list of stages; this package runs them.
+
+Each stage is a function `(config, workdir) -> None` registered by name in `STAGES` that writes
+under the workdir and reads what earlier stages wrote there (file layout: cxr_jax/layout.py). A
+stage that finished is marked done last, so a rerun skips it; an interrupted training stage
+resumes from its own checkpoints.
+
+- training.py: `train_classifier`, `train_attention`, `train_hard_examples` (the loop).
+- evaluation.py: `evaluate` (metrics, predictions, per-class thresholds), `mine_hard_examples`.
+- localize.py, explain.py: heat maps against the experts' boxes; PDA figures.
+- report.py: the report of everything above, written in one go.
+"""
+
+import json
+import time
+from collections.abc import Sequence
+
+import ml_collections
+from absl import logging
+from etils import epath
+
+from cxr_jax import layout
+from cxr_jax.config_lib import stage_config
+from cxr_jax.stages import evaluation, explain, localize, report, training
+from cxr_jax.stages.base import STAGES, StageFn, is_chief
+
+__all__ = ['STAGES', 'StageFn', 'evaluation', 'explain', 'is_chief', 'localize', 'report', 'run',
+           'stage_config', 'training']
+
+
+def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
+  diffs = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += _config_diff(a, b, f'{prefix}{k}.')
+    elif a != b:
+      diffs.append(f'{prefix}{k}: {a!r} -> {b!r}')
+  return diffs
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | epath.Path,
+        only: Sequence[str] | None = None, rerun: bool = False) -> None:
+  """Runs `config.stages` (or the subset `only`, in config order), skipping finished ones."""
+  workdir = epath.Path(workdir)
+  run_dir = layout.Run(workdir)
+  unknown = [s for s in (only or []) if s not in config.stages]
+  if unknown:
+    raise ValueError(f'--stages: {unknown} not in this config\'s stages {list(config.stages)}.')
+  fns = [(name, STAGES.get(name)) for name in config.stages]
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_json = json.loads(config.to_json_best_effort())
+  if run_dir.has_config():
+    diffs = _config_diff(run_dir.read_config_json(), config_json)
+    if diffs:
+      logging.warning('Config differs from the one %s was started with; finished stages are '
+                      'not rerun (use --rerun):\n  %s', workdir, '\n  '.join(diffs))
+  if is_chief():
+    run_dir.write_config_json(config_json)
+  for name, fn in fns:
+    if only and name not in only:
+      continue
+    if run_dir.is_done(name) and not rerun:
+      logging.info('Stage %s already finished (%s); skipping.', name, run_dir.done_file(name))
+      continue
+    logging.info('=== Stage %s -> %s', name, run_dir.stage_dir(name))
+    t0 = time.time()
+    run_dir.stage_dir(name).mkdir(parents=True, exist_ok=True)
+    fn(config, workdir)
+    if is_chief():
+      run_dir.mark_done(name, time.time() - t0)
+    logging.info('=== Stage %s done in %.1fs.', name, time.time() - t0)
