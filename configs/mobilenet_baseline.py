@@ -26,6 +26,7 @@ import ml_collections
 
 from cxr_jax import config_lib
 from cxr_jax.data.labels import NIH13_CLASSES
+from cxr_jax.models.mobilenet import MOBILENET_V1_BLOCKS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # output_stride 32 is MobileNet's own (7 x 7 last map at 224 px); see apply_demo for 8.
   config.model = ml_collections.ConfigDict({
       'name': 'mobilenet_v1', 'width_multiplier': 1.0, 'activation': 'relu',
-      'dropout_rate': 0.0, 'output_stride': 32})
+      'dropout_rate': 0.0, 'output_stride': 32, 'blocks': MOBILENET_V1_BLOCKS})
   config.loss = 'sigmoid_bce'
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 1e-3

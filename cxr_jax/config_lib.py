@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
+  # A step whose loss or gradient is not finite is never applied. 'stop': training stops at
+  # the next log/eval/checkpoint step with an error naming that step and the last good
+  # checkpoint (kept); 'skip': such steps are skipped and counted (train/nonfinite_steps).
+  c.nan_policy = 'stop'
 
   # Prediction Difference Analysis heat maps (stage `explain`, and `python -m cxr_jax.predict
   # --explain=pda`): level 'features' (paper 000: last feature map, head only) or 'pixels'.
@@ -252,6 +256,7 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
       0.0 < threshold < 1.0):
     raise ValueError(f"config.threshold={threshold!r}: expected a probability in (0, 1) or "
                      "'per_class'.")
+  _check('nan_policy', _one_of, config.get('nan_policy', 'stop'), ('stop', 'skip'))
   _check('threshold_rule', _one_of, config.get('threshold_rule', 'max_f1'),
          tuple(metrics.THRESHOLD_RULES))
   if config.explain.get('laplace_n', 0) < 0:

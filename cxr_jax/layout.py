@@ -21,6 +21,7 @@ its readers and writers. A run of `python -m cxr_jax.main` looks like this:
       index.json  *.pda.png  *.attention.png
     report/                       report.md, metrics.json, roc.png, ... (the report stage)
     predictions/                  default output of `python -m cxr_jax.predict`
+    error.log                     tracebacks of failed runs (the terminal shows one line)
     <stage>/DONE.json             written last, when a stage finished
 
 Imported weights (`python -m cxr_jax.tools.import_weights`) are a folder of their own:
@@ -65,6 +66,7 @@ REPORT_FILES = {'markdown': 'report.md', 'metrics': 'metrics.json', 'roc': 'roc.
                 'localization_csv': 'localization.csv', 'heatmaps': 'heatmaps',
                 'localization_overlays': 'localization', 'thresholds': 'thresholds.csv'}
 _PREDICTIONS = 'predictions'
+_ERROR_LOG = 'error.log'
 
 
 class LayoutError(FileNotFoundError):
@@ -275,6 +277,11 @@ class Run:
     if kind not in REPORT_FILES:
       raise KeyError(f'report file kind {kind!r}; valid: {sorted(REPORT_FILES)}')
     return self.report_dir / REPORT_FILES[kind]
+
+  @property
+  def error_log_file(self) -> epath.Path:
+    """Tracebacks of failed runs (the terminal shows one line)."""
+    return self.root / _ERROR_LOG
 
   @property
   def predictions_dir(self) -> epath.Path:

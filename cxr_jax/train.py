@@ -20,7 +20,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from cxr_jax import checkpoints, evaluate, layout, losses, optim, parallel
+from cxr_jax import checkpoints, errors, evaluate, layout, losses, optim, parallel, preemption
 from cxr_jax.data import pipeline
 from cxr_jax.evaluators import EVALUATORS
 from cxr_jax.inference import run as run_lib
@@ -98,7 +98,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
     tx = optim.build_optimizer(config.optimizer, total_steps, epoch_steps)
     step_fn = make_train_step(model, tx, losses.get_loss(config.loss), mesh,
                               target=config.data.get('target', 'labels'),
-                              inputs=tuple(config.data.get('inputs', ())))
+                              inputs=tuple(config.data.get('inputs', ())),
+                              nan_policy=config.get('nan_policy', 'stop'))
     first_batch = next(train_input)
     train_iter = itertools.chain([first_batch], train_input)
     image_shape = tuple(int(d) for d in first_batch['image'].shape[1:])
@@ -143,16 +144,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
         logging.info('First step compiled and ran in %.1fs.', time.time() - t0)
         t0, t_step = time.time(), step
       report(step, time.time())
-      if step % config.log_every_steps == 0 or step == total_steps:
+      is_log = step % config.log_every_steps == 0 or step == total_steps
+      is_eval = step % config.eval_every_steps == 0 or step == total_steps
+      is_save = step % config.checkpoint_every_steps == 0 or step == total_steps
+      if is_log or is_eval or is_save:
+        # Before anything is logged, evaluated or saved: a non-finite state never reaches a
+        # checkpoint, least of all the best one.
+        _check_finite(state, step, config.get('nan_policy', 'stop'), ckpt, stage_dir)
+      # Agreeing over hosts is a collective: every log step there, every step on one host.
+      signal_name = (preemption.requested_anywhere() if jax.process_count() == 1 or is_log
+                     else None)
+      if signal_name:
+        t_ckpt = time.time()
+        _check_finite(state, step, config.get('nan_policy', 'stop'), ckpt, stage_dir)
+        ckpt.save(step, state, dict(meta))
+        ckpt.wait()
+        timing['checkpoints'] += time.time() - t_ckpt
+        logging.warning('%s received: checkpoint saved at step %d/%d in %s; run the same command '
+                        'again to resume.', signal_name, step, total_steps, stage_dir)
+        raise errors.Preempted(
+            f'{signal_name} at step {step}/{total_steps} of {stage.name}: checkpoint saved in '
+            f'{stage.checkpoints_dir}; run the same command again to resume.')
+      if is_log:
         scalars = {f'train/{k}': float(v) for k, v in jax.device_get(train_metrics).items()}
         scalars['train/lr_plateau_scale'] = optim.plateau_scale(state.opt_state)
+        scalars['train/nonfinite_steps'] = int(state.nonfinite_steps)
         writer.write_scalars(step, scalars)
         rate = (step - t_step) / max(time.time() - t0, 1e-9)
         eta = (total_steps - step) / rate if rate > 0 else float('nan')
         logging.info('step %d/%d loss %.4f | %.2f steps/s, ETA %s', step, total_steps,
                      scalars['train/loss'], rate, time.strftime('%H:%M:%S', time.gmtime(eta))
                      if math.isfinite(eta) else '?')
-      is_eval = step % config.eval_every_steps == 0 or step == total_steps
       is_best = False
       if is_eval:
         t_eval = time.time()
@@ -181,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
                          plateau_cfg.metric, factor, scale)
           meta['plateau'] = dataclasses.asdict(plateau)
         timing['evaluation'] += time.time() - t_eval
-      if step % config.checkpoint_every_steps == 0 or step == total_steps or is_best:
+      if is_save or is_best:
         t_ckpt = time.time()
         ckpt.save(step, state, dict(meta), best=is_best)
         timing['checkpoints'] += time.time() - t_ckpt
@@ -200,6 +222,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
                '%.1fs, wrap-up %.1fs.', stage.name, timing['total'], timing['setup'],
                timing['steps'], timing['evaluation'], timing['checkpoints'], timing['wrap_up'])
   return timing
+
+
+def _check_finite(state: TrainState, step: int, policy: str, ckpt: checkpoints.Checkpoints,
+                  stage_dir: epath.Path) -> None:
+  """Raises NonFiniteError (policy 'stop') naming the first non-finite step and the last good
+  checkpoint, which is kept; logs the steps skipped so far (policy 'skip')."""
+  first = int(state.first_nonfinite_step)
+  if first < 0:
+    return
+  if policy == 'skip':
+    logging.warning('step %d: %d step(s) with a non-finite loss or gradient skipped so far (the '
+                    'first at step %d).', step, int(state.nonfinite_steps), first)
+    return
+  ckpt.wait()
+  latest, best = ckpt.latest_step(), ckpt.best_step()
+  where = layout.StageDir(stage_dir).checkpoints_dir
+  kept = (f'the last good checkpoint is step {latest} in {where} (best: step {best})'
+          if latest is not None else 'no checkpoint was saved before it')
+  raise errors.NonFiniteError(
+      f'non-finite loss or gradient at step {first}: training stopped; {kept}. Lower the '
+      'learning rate, check the data, or set config.nan_policy=skip to skip such steps.')
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

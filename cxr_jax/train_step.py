@@ -5,6 +5,7 @@ gradient of the globally averaged loss on its shard, BatchNorm averages its batc
 over `data`, and the optimiser update runs on the replicated, identical gradients.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -19,15 +20,24 @@ from jax.sharding import PartitionSpec as P
 
 from cxr_jax import losses, parallel
 
+NAN_POLICIES = ('stop', 'skip')
+
 
 @struct.dataclass
 class TrainState:
-  """Everything a step changes. Replicated over the `data` axis."""
+  """Everything a step changes. Replicated over the `data` axis.
+
+  nonfinite_steps: steps whose loss or gradient was not finite (their update was not applied);
+  first_nonfinite_step: the first of them, -1 while there is none (config.nan_policy).
+  """
 
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  nonfinite_steps: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+  first_nonfinite_step: jax.Array = dataclasses.field(
+      default_factory=lambda: jnp.full((), -1, jnp.int32))
 
   def variables(self) -> dict[str, Any]:
     v = {'params': self.params}
@@ -50,23 +60,33 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                            train=False, **extra)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                      nonfinite_steps=jnp.zeros((), jnp.int32),
+                      first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
   return init(key)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_fn: losses.LossFn, mesh: jax.sharding.Mesh, *,
-                    target: str = 'labels', inputs: tuple[str, ...] = ()
+                    target: str = 'labels', inputs: tuple[str, ...] = (),
+                    nan_policy: str = 'stop'
                     ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """Returns jit(step)(state, batch, key) -> (state, metrics); the state is donated.
+
+  A step whose loss or gradient is not finite changes nothing but the step counter and the
+  state's non-finite bookkeeping. nan_policy 'stop': from the first such step on, no update is
+  applied (the loop stops at its next check with the last good parameters); 'skip': later
+  finite steps carry on.
 
   `batch` holds global arrays sharded over `data`: 'image' [B, H, W, C], the loss's `target`
   (e.g. 'labels' [B, K]) and the model's extra `inputs` (passed to the model by name).
   Losses see the local shard; one that needs global batch statistics (counts over the whole
   batch) computes them with collectives over `parallel.DATA_AXIS` (`losses.LossFn`).
   """
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f'config.nan_policy={nan_policy!r}; valid: {", ".join(NAN_POLICIES)}')
   axis = parallel.DATA_AXIS
 
   def per_device(params, batch_stats, images, targets, extra, key):
@@ -97,9 +117,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                                              batch[target], {k: batch[k] for k in inputs}, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite & (state.first_nonfinite_step < 0) if nan_policy == 'stop' else finite
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+        first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite,
+                                       state.step + 1, state.first_nonfinite_step))
+    return new_state, {'loss': loss, 'grad_norm': grad_norm}
 
   return step
 

@@ -86,13 +86,21 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // n
 
 
+def build_command(name: str, data_dir: str | None = None) -> str:
+  """The `tfds build` command that prepares `name` ('builder/config') in `data_dir`."""
+  builder, _, config = name.partition('/')
+  return (f'tfds build {builder}' + (f' --config={config}' if config else '') +
+          ' --imports=cxr_jax.data --manual_dir=<folder with the files it lists>' +
+          f' --data_dir={data_dir or tfds.core.constants.DATA_DIR}')
+
+
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Returns a prepared TFDS builder; builds phantom data sets, else FileNotFoundError."""
   where = data_dir or tfds.core.constants.DATA_DIR
   how = (
-    f'Prepare it first, e.g. `tfds build {name.split("/")[0]} --data_dir={where}` after putting '
-    'the manual download files where its MANUAL_DOWNLOAD_INSTRUCTIONS say (see WORKSPACE.md), '
-    'or set config.data.data_dir to where it is prepared.'
+    f'Prepare it first: `{build_command(name, data_dir)}` (its MANUAL_DOWNLOAD_INSTRUCTIONS and '
+    'WORKSPACE.md say which files go in the manual folder), or set config.data.data_dir to '
+    'where it is prepared.'
   )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -287,6 +295,8 @@ def make_train_iter(
   copies = load_extra_copies(extra) if extra else None
   keys = batch_keys(data_cfg)
   base, n = _read(builder, split, data_cfg, keys, copies)
+  logging.info('Process %d/%d reads %s of %r for training: %d examples.', jax.process_index(),
+               jax.process_count(), _host_split(split), _name(data_cfg), n)
   if n == 0:
     raise ValueError(
       f'No training examples in {_name(data_cfg)!r} split {split!r} after filtering.'

@@ -15,11 +15,12 @@ import json
 import time
 from collections.abc import Sequence
 
+import jax
 import ml_collections
 from absl import logging
 from etils import epath
 
-from cxr_jax import layout
+from cxr_jax import errors, layout, preemption
 from cxr_jax.config_lib import stage_config
 from cxr_jax.stages import evaluation, explain, localize, report, training
 from cxr_jax.stages.base import STAGES, StageFn, is_chief
@@ -57,16 +58,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.Path,
                       'not rerun (use --rerun):\n  %s', workdir, '\n  '.join(diffs))
   if is_chief():
     run_dir.write_config_json(config_json)
-  for name, fn in fns:
-    if only and name not in only:
-      continue
-    if run_dir.is_done(name) and not rerun:
-      logging.info('Stage %s already finished (%s); skipping.', name, run_dir.done_file(name))
-      continue
-    logging.info('=== Stage %s -> %s', name, run_dir.stage_dir(name))
-    t0 = time.time()
-    run_dir.stage_dir(name).mkdir(parents=True, exist_ok=True)
-    fn(config, workdir)
-    if is_chief():
-      run_dir.mark_done(name, time.time() - t0)
-    logging.info('=== Stage %s done in %.1fs.', name, time.time() - t0)
+  with preemption.watch():
+    for name, fn in fns:
+      if only and name not in only:
+        continue
+      if run_dir.is_done(name) and not rerun:
+        logging.info('Stage %s already finished (%s); skipping.', name, run_dir.done_file(name))
+        continue
+      signal_name = preemption.requested_anywhere()
+      if signal_name:
+        raise errors.Preempted(f'{signal_name} before stage {name}: the stages before it are '
+                               'done; run the same command again to go on.')
+      logging.info('=== Stage %s -> %s', name, run_dir.stage_dir(name))
+      t0 = time.time()
+      run_dir.stage_dir(name).mkdir(parents=True, exist_ok=True)
+      fn(config, workdir)
+      if is_chief():
+        run_dir.mark_done(name, time.time() - t0)
+      _barrier(f'stage {name}')
+      logging.info('=== Stage %s done in %.1fs.', name, time.time() - t0)
+
+
+def _barrier(name: str) -> None:
+  """Every process waits here: a stage run by process 0 alone (localize, explain, report) has
+  written its files before any process starts the next stage."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
