@@ -21,6 +21,7 @@ Every error (`ImageReadError`, a ValueError) names the file.
 """
 
 import os
+import struct
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ImageReadError(f'{path}: no such file.')
+  if os.path.getsize(path) == 0:
+    raise ImageReadError(f'{path}: the file is empty (0 bytes); expected an X-ray image.')
   suffix = os.path.splitext(path)[1].lower()
   if suffix in DICOM_SUFFIXES or _has_dicom_preamble(path):
     image, meta = _read_dicom(path)
@@ -76,7 +79,7 @@ def _read_pil(path: str) -> tuple[np.ndarray, dict[str, Any]]:
       mode = img.mode
       image, bit_depth = _pil_to_grey(img, path)
   except UnidentifiedImageError:
-    raise ImageReadError(f'{path}: not a readable PNG/JPEG image.') from None
+    raise ImageReadError(f'{path}: {_unidentified(path)}') from None
   except (OSError, SyntaxError, ValueError) as e:
     if isinstance(e, ImageReadError):
       raise
@@ -84,6 +87,17 @@ def _read_pil(path: str) -> tuple[np.ndarray, dict[str, Any]]:
   meta = {'format': fmt, 'bit_depth': bit_depth, 'photometric_interpretation': mode,
           'original_size': tuple(int(d) for d in image.shape)}
   return image, meta
+
+
+def _unidentified(path: str) -> str:
+  """Why Pillow could not identify `path`, as precisely as its first bytes tell."""
+  with open(path, 'rb') as f:
+    head = f.read(24)
+  if head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR':
+    width, height = struct.unpack('>II', head[16:24])
+    if width == 0 or height == 0:
+      return f'the PNG declares {width}x{height} pixels; expected an image of at least 1x1.'
+  return 'not a readable PNG/JPEG image.'
 
 
 def _pil_to_grey(img: Image.Image, path: str) -> tuple[np.ndarray, int]:
@@ -142,7 +156,8 @@ def _read_dicom(path: str) -> tuple[np.ndarray, dict[str, Any]]:
   except Exception as e:  # pydicom raises many types for broken files; all mean "unreadable".
     raise ImageReadError(f'{path}: not a readable DICOM file ({type(e).__name__}: {e}).') from e
   if 'PixelData' not in ds:
-    raise ImageReadError(f'{path}: the DICOM file holds no pixel data (no image).')
+    raise ImageReadError(f'{path}: the DICOM file holds no pixel data (no PixelData element); '
+                         'expected a DICOM image.')
   file_meta = getattr(ds, 'file_meta', None)
   ts = getattr(file_meta, 'TransferSyntaxUID', None) if file_meta is not None else None
   ts_name = f'{ts.name} ({ts})' if ts is not None else 'unknown transfer syntax'

@@ -24,6 +24,7 @@ def atomic_write_files(files: Mapping[str | os.PathLike, Content]) -> list[str]:
   so that a failing producer (a plot that raises) cancels the whole set.
   """
   staged: list[tuple[str, str]] = []
+  path = ''
   try:
     for path, content in files.items():
       path = os.fspath(path)
@@ -41,6 +42,12 @@ def atomic_write_files(files: Mapping[str | os.PathLike, Content]) -> list[str]:
         os.fsync(f.fileno())
     for tmp, path in staged:
       os.replace(tmp, path)
+  except OSError as e:
+    if e.filename is None and e.errno is not None:
+      # A failed write or fsync (e.g. ENOSPC, disk full) names no file: name the one being
+      # written. OSError(errno, ...) keeps the subclass (PermissionError, ...) of the original.
+      raise OSError(e.errno, e.strerror, path) from e
+    raise
   finally:
     for tmp, _ in staged:
       if os.path.exists(tmp):

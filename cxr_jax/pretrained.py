@@ -8,8 +8,10 @@ torchvision state dicts are read without torch: a `.pth` file is a zip of one pi
 of tensors, whose storages are "persistent ids") and one raw little-endian record per storage;
 `read_pth` unpickles it with an allow-list (OrderedDict, torch's `_rebuild_tensor_v2` and the
 typed storage classes) and rebuilds every tensor as a numpy array. Anything else in the pickle
-(a whole pickled `nn.Module`, arbitrary callables) is refused. The legacy (pre-1.6) format that
-some torchvision files still use is read the same way.
+(a whole pickled `nn.Module`, arbitrary callables) is refused before it is imported, let alone
+called. The legacy (pre-1.6) format that some torchvision files still use is read the same way
+(its header and footer records too). A refused, truncated or foreign file raises
+`WeightsFileError` naming the file.
 
 A new classifier head (`num_classes` other than the file's, or `drop_head=True`) is initialised
 by `model.init` with `key`: every other tensor comes from the file, and `classifier_paths(model)` /
@@ -50,6 +52,15 @@ _STORAGE_DTYPES = {
     'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
     'BoolStorage': np.bool_,
 }
+
+
+class WeightsFileError(ValueError, pickle.UnpicklingError):
+  """A weights file that is refused (its pickle would build more than tensors) or cannot be read
+  (truncated, not a torch file); the message names the file and what was expected."""
+
+
+class _Refused(pickle.UnpicklingError):
+  """The pickle asks for something a state dict never holds; `read_pth` adds the file name."""
 
 
 @dataclasses.dataclass
@@ -123,19 +134,31 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return _rebuild_parameter
     if module == 'torch' and name in _STORAGE_DTYPES:
       return _StorageType(name)
-    raise pickle.UnpicklingError(
+    raise _Refused(
         f'refusing to unpickle {module}.{name}: only state dicts of plain tensors can be read '
         'without torch (save `model.state_dict()`, not the model)')
 
   def persistent_load(self, pid: Any) -> Any:
     if not isinstance(pid, tuple) or not pid or pid[0] != 'storage':
-      raise pickle.UnpicklingError(f'unsupported persistent id {pid!r}')
+      raise _Refused(f'unsupported persistent id {pid!r}')
     return self._storage_for(pid)
+
+
+def _no_storage(pid: tuple) -> _Storage:
+  raise _Refused(f'unexpected storage {pid!r} outside the state dict')
+
+
+def _load_plain(f: BinaryIO) -> Any:
+  """One pickle record of plain values (the legacy format's magic number, sys info, keys).
+
+  Never `pickle.load`: these records come from the same untrusted file as the state dict.
+  """
+  return _RestrictedUnpickler(f, _no_storage).load()
 
 
 def _storage_type(value: Any) -> _StorageType:
   if not isinstance(value, _StorageType):
-    raise pickle.UnpicklingError(f'unsupported storage type {value!r}')
+    raise _Refused(f'unsupported storage type {value!r}')
   return value
 
 
@@ -144,7 +167,7 @@ def _read_zip(path: epath.Path) -> Any:
     names = zf.namelist()
     pkl = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if len(pkl) != 1:
-      raise ValueError(f'{path}: not a torch zip checkpoint (data.pkl entries: {pkl})')
+      raise WeightsFileError(f'{path}: not a torch zip checkpoint (data.pkl entries: {pkl})')
     prefix = pkl[0][:-len('data.pkl')]
     order = 'little'
     if f'{prefix}byteorder' in names:
@@ -173,25 +196,25 @@ _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 def _read_legacy(path: epath.Path) -> Any:
   """torch's pre-1.6 format: magic, protocol, sys info, the object, storage keys, raw data."""
   with path.open('rb') as f:
-    if pickle.load(f) != _LEGACY_MAGIC:
-      raise ValueError(f'{path}: neither a torch zip checkpoint nor a legacy torch file')
-    pickle.load(f)  # protocol version
-    sys_info = pickle.load(f)
+    if _load_plain(f) != _LEGACY_MAGIC:
+      raise WeightsFileError(f'{path}: neither a torch zip checkpoint nor a legacy torch file')
+    _load_plain(f)  # protocol version
+    sys_info = _load_plain(f)
     if not sys_info.get('little_endian', True):
-      raise ValueError(f'{path}: big-endian legacy torch files are not supported')
+      raise WeightsFileError(f'{path}: big-endian legacy torch files are not supported')
     storages: dict[str, _Storage] = {}
 
     def storage_for(pid: tuple) -> _Storage:
       # ('storage', storage_type, root_key, location, numel, view_metadata)
       _, stype, key, _, numel, view = pid[:6]
       if view is not None:
-        raise pickle.UnpicklingError('storage views are not supported')
+        raise _Refused('storage views are not supported')
       if key not in storages:
         storages[key] = _Storage(_storage_type(stype).dtype, str(key), int(numel))
       return storages[key]
 
     obj = _RestrictedUnpickler(f, storage_for).load()
-    keys = pickle.load(f)
+    keys = _load_plain(f)
     for key in keys:
       storage = storages[key]
       numel = int(np.frombuffer(f.read(8), '<i8')[0])
@@ -204,23 +227,34 @@ def read_pth(path: str | epath.PathLike) -> StateDict:
   """Reads a torch-saved state dict as {name: np.ndarray}, without importing torch.
 
   Accepts the zip format (torch >= 1.6) and the legacy format; a dict wrapping the state dict
-  under 'state_dict' or 'model' is unwrapped. Raises pickle.UnpicklingError on anything that is
-  not a dict of tensors.
+  under 'state_dict' or 'model' is unwrapped. Raises `WeightsFileError` (a ValueError and a
+  pickle.UnpicklingError) naming the file on anything that is not a complete dict of tensors.
   """
   path = epath.Path(path)
-  with path.open('rb') as f:
-    is_zip = f.read(4) == b'PK\x03\x04'
-  obj = _read_zip(path) if is_zip else _read_legacy(path)
-  for wrapper in ('state_dict', 'model'):
-    if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-      obj = obj[wrapper]
-  if not isinstance(obj, dict):
-    raise ValueError(f'{path}: expected a state dict, found {type(obj).__name__}')
-  out = {}
-  for name, value in obj.items():
-    if not isinstance(value, _LazyTensor):
-      raise ValueError(f'{path}: entry {name!r} is a {type(value).__name__}, not a tensor')
-    out[name] = value.materialise()
+  try:
+    with path.open('rb') as f:
+      is_zip = f.read(4) == b'PK\x03\x04'
+    obj = _read_zip(path) if is_zip else _read_legacy(path)
+    for wrapper in ('state_dict', 'model'):
+      if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+        obj = obj[wrapper]
+    if not isinstance(obj, dict):
+      raise WeightsFileError(f'{path}: expected a state dict, found {type(obj).__name__}')
+    out = {}
+    for name, value in obj.items():
+      if not isinstance(value, _LazyTensor):
+        raise WeightsFileError(f'{path}: entry {name!r} is a {type(value).__name__}, not a tensor')
+      out[name] = value.materialise()
+  except WeightsFileError:
+    raise
+  except _Refused as e:
+    raise WeightsFileError(f'{path}: {e}') from None
+  # What zipfile, pickle and numpy raise on a cut-off or foreign file, without naming it.
+  except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, IndexError, KeyError,
+          ValueError) as e:
+    raise WeightsFileError(
+        f'{path}: truncated or not a torch checkpoint ({type(e).__name__}: {e}); expected a '
+        'complete file written by torch.save(model.state_dict())') from e
   return out
 
 
@@ -230,7 +264,11 @@ def read_pth_with_torch(path: str | epath.PathLike) -> StateDict:
     import torch  # noqa: PLC0415  (optional dependency)
   except ImportError:
     raise ImportError('reading with torch needs `pip install cxr-jax[torch]`') from None
-  sd = torch.load(str(path), map_location='cpu', weights_only=True)
+  try:
+    sd = torch.load(str(path), map_location='cpu', weights_only=True)
+  # weights_only refusals are UnpicklingErrors; a cut-off zip is a RuntimeError of its reader.
+  except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    raise WeightsFileError(f'{path}: torch.load(weights_only=True) cannot read it: {e}') from e
   return {k: v.detach().cpu().numpy() for k, v in sd.items()}
 
 
@@ -518,12 +556,19 @@ def load_with_info(path: str | epath.PathLike, *, source: str = 'torchvision', a
     if arch.startswith('densenet'):
       sd = _fix_densenet_keys(sd)
     if spec.head not in sd:
-      raise ValueError(f'{path}: no classifier weight {spec.head!r} for {arch}')
+      raise ValueError(f'{path}: no classifier weight {spec.head!r}; expected a torchvision '
+                       f'{arch} state dict')
     ref_classes = sd[spec.head].shape[0]
     reinit = drop_head or (num_classes is not None and num_classes != ref_classes)
-    # The converters sum the first convolution over RGB themselves when in_channels=1.
-    variables = _converter(spec.converter)(sd, num_classes=None, drop_head=reinit,
-                                           in_channels=in_channels)
+    # The ResNet / DenseNet converters recognise the file's depth: 'holds a resnet18, not a
+    # resnet50' says more than the list of every tensor a wrong --arch misses.
+    by_depth = {'arch': spec.model} if arch.startswith(('resnet', 'densenet')) else {}
+    try:
+      # The converters sum the first convolution over RGB themselves when in_channels=1.
+      variables = _converter(spec.converter)(sd, num_classes=None, drop_head=reinit,
+                                             in_channels=in_channels, **by_depth)
+    except ValueError as e:
+      raise ValueError(f'{path} (torchvision {arch}): {e}') from None
     model = MODELS.get(spec.model)(num_classes=num_classes or ref_classes, dtype=dtype,
                                    **dict(spec.kwargs))
   elif source == 'keras':

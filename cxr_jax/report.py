@@ -35,12 +35,14 @@ With --out=DIR, also written (all or nothing, after everything has been computed
   a stale one from an earlier comparison is removed otherwise, so that DIR is consistent.
 
 Exit status: 0 done; 2 usage errors (one line on stderr naming the file and what was expected):
-missing workdir, saved config or metrics file, malformed JSON, wrong --labels count.
+missing workdir, saved config or metrics file, malformed JSON, wrong --labels count, an --out
+that is no writable folder; 1 the disk filled up or failed while writing (nothing replaced).
 """
 
 import argparse
 import csv
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -457,10 +459,14 @@ def main(argv: Sequence[str]) -> int:
   if args.out:
     try:
       written = write_outputs(args.out, files)
-    except OSError as e:  # e.g. --out names a file, or no permission: nothing was replaced
+    except OSError as e:  # e.g. --out names a file, no permission, disk full: nothing replaced
+      # A full or failing disk is a runtime error (1), not a wrong --out (2).
+      runtime = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
       print(f'error: {e.filename or args.out}: cannot write the comparison there '
-            f'({e.strerror or e}); expected a writable folder.', file=sys.stderr)
-      return 2
+            f'({e.strerror or e}); '
+            + ('the previous files in --out are untouched.' if runtime
+               else 'expected a writable folder.'), file=sys.stderr)
+      return 1 if runtime else 2
     print(f'wrote {", ".join(str(p) for p in written)}', file=sys.stderr)
   sys.stdout.write(markdown)
   sys.stdout.flush()

@@ -45,6 +45,18 @@ def phantom_data_dir(tmp_path_factory) -> str:
   return data_dir
 
 
+@pytest.fixture(scope='session')
+def tiny_run_dir(phantom_data_dir, tmp_path_factory) -> str:
+  """A run of `tiny_config` trained for 2 steps (its first stage only), built once per session
+  for the tests that predict with a trained model (predict, fault injection)."""
+  from cxr_jax import stages
+  config = tiny_config(phantom_data_dir)
+  config.num_train_steps = 2
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  stages.run(config, workdir, only=[config.stages[0]])
+  return str(workdir)
+
+
 def tiny_config(data_dir: str):
   """The demo config of paper 000's baseline, shrunk to seconds: tiny data, a 2-block model."""
   import importlib.util

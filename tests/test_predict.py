@@ -9,20 +9,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, tiny_config
+from conftest import SHARED_DATA
 from PIL import Image
 
 from cxr_jax import imageio, inference, layout, predict
 
 
 @pytest.fixture(scope='module')
-def run_dir(phantom_data_dir, tmp_path_factory) -> str:
-  from cxr_jax import stages
-  config = tiny_config(phantom_data_dir)
-  config.num_train_steps = 2
-  workdir = tmp_path_factory.mktemp('run')
-  stages.run(config, workdir, only=[config.stages[0]])
-  return str(workdir)
+def run_dir(tiny_run_dir) -> str:
+  return tiny_run_dir
 
 
 @pytest.fixture(scope='module')

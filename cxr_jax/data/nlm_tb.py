@@ -80,25 +80,30 @@ class Record:
     return self.stem.rsplit('_', 1)[0]
 
 
-def find_records(manual_dir: epath.Path, tb_set: TbSet) -> list[Record]:
+def find_records(manual_dir: epath.Path, tb_set: TbSet, dataset: str | None = None
+                 ) -> list[Record]:
   """Lists and checks one set's files; sorted by stem.
+
+  `dataset` is the builder named in errors (default: the set's own, e.g. 'montgomery_tb'), so
+  that building `tb_combined` does not report a `montgomery_tb` problem.
 
   Raises:
     FileNotFoundError naming every missing folder/file (images, readings, Montgomery masks when
     the ManualMask folder exists).
   """
+  dataset = dataset or f'{tb_set.source}_tb'
   root = manual_dir / tb_set.folder
   image_dir = root / 'CXR_png'
   reading_dir = root / 'ClinicalReadings'
   if not image_dir.is_dir():
     raise xray_files.missing_files_error(
-      f'{tb_set.source}_tb', manual_dir, [f'{tb_set.folder}/CXR_png/ (folder)'],
+      dataset, manual_dir, [f'{tb_set.folder}/CXR_png/ (folder)'],
       MANUAL_DOWNLOAD_INSTRUCTIONS)
   pattern = re.compile(rf'^{tb_set.prefix}_(\d{{4}})_([01])\.png$')
   names = sorted(p.name for p in image_dir.iterdir() if pattern.match(p.name))
   if not names:
     raise xray_files.missing_files_error(
-      f'{tb_set.source}_tb', manual_dir,
+      dataset, manual_dir,
       [f'{tb_set.folder}/CXR_png/{tb_set.prefix}_<nnnn>_<0|1>.png (no such file)'],
       MANUAL_DOWNLOAD_INSTRUCTIONS)
   mask_root = root / 'ManualMask'
@@ -122,7 +127,7 @@ def find_records(manual_dir: epath.Path, tb_set: TbSet) -> list[Record]:
       side_masks=side, lung_mask=union if tb_set is SHENZHEN and union.is_file() else None))
   if missing:
     raise xray_files.missing_files_error(
-      f'{tb_set.source}_tb', manual_dir, missing, MANUAL_DOWNLOAD_INSTRUCTIONS)
+      dataset, manual_dir, missing, MANUAL_DOWNLOAD_INSTRUCTIONS)
   return records
 
 
@@ -297,7 +302,7 @@ class TbBuilderBase(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = epath.Path(dl_manager.manual_dir)
-    records = [r for s in self.TB_SETS for r in find_records(manual_dir, s)]
+    records = [r for s in self.TB_SETS for r in find_records(manual_dir, s, self.name)]
     cfg = self.builder_config
     split = split_of(cfg.seed, cfg.split_fractions, records)
     return {

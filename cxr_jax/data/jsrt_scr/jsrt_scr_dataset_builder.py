@@ -112,8 +112,10 @@ def find_records(manual_dir: epath.Path) -> list[Record]:
       fold = 1 if int(_NAME.match(path.name).group(2)) % 2 else 2
       base = scratch / 'masks'
     else:
+      # The fold holding any of the image's masks: one absent mask is then reported where it
+      # belongs, not as all five missing from fold 1.
       fold = next((k for k, d in zip((1, 2), fold_dirs, strict=True)
-                   if (d / 'heart' / f'{name}.gif').is_file()), 1)
+                   if any((d / s / f'{name}.gif').is_file() for s in STRUCTURES)), 1)
       base = fold_dirs[fold - 1]
     masks = tuple(base / s / f'{name}.gif' for s in STRUCTURES)
     missing += [os.fspath(m.relative_to(manual_dir)) for m in masks if not m.is_file()]

@@ -20,6 +20,7 @@ import dataclasses
 import gzip
 import io
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -224,9 +225,11 @@ def _parse_age(text: str) -> int:
 def read_data_entry(path: epath.Path) -> dict[str, Entry]:
   """Data_Entry_2017(_v2020).csv(.gz) -> {image_id: Entry}, in file order.
 
-  Raises ValueError naming the file and the missing columns, an unknown finding, sex or view.
+  Raises ValueError naming the file and the missing columns, an unknown finding, sex or view, or
+  an image listed twice.
   """
   entries: dict[str, Entry] = {}
+  lines: dict[str, int] = {}
   with _open_text(path) as f:
     reader = csv.reader(f)
     header = next(reader, None)
@@ -238,6 +241,11 @@ def read_data_entry(path: epath.Path) -> dict[str, Entry]:
         continue
       try:
         image_id = row[col['Image Index']].strip()
+        if image_id in lines:
+          # Two rows of one image would silently keep only the last one's labels.
+          raise ValueError(f'image {image_id} already on line {lines[image_id]}; expected one '
+                           'row per image')
+        lines[image_id] = line
         labels = row[col['Finding Labels']].strip()
         findings = () if labels == NO_FINDING else tuple(labels.split('|'))
         unknown = [c for c in findings if c not in NIH_CLASSES]
@@ -290,8 +298,13 @@ def read_bbox_list(path: epath.Path) -> dict[str, list[Box]]:
 
 
 def read_image_list(path: epath.Path) -> list[str]:
-  """One image name a line (NIH's files have no trailing newline)."""
-  return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  """One image name a line (NIH's files have no trailing newline); ValueError on a repeat."""
+  names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  repeated = sorted(n for n, k in collections.Counter(names).items() if k > 1)
+  if repeated:
+    raise ValueError(f'{path}: {len(repeated)} image(s) listed more than once, e.g. '
+                     f'{repeated[:5]}; expected each image once')
+  return names
 
 
 def find_manual_files(manual_dir: epath.Path) -> ManualFiles:
@@ -477,7 +490,8 @@ def iter_image_bytes(
   """(image_id, encoded bytes) of `image_ids` from one source of `group_by_source`.
 
   A tarball is streamed (never unpacked) and left as soon as every wanted image was read.
-  Raises FileNotFoundError naming the images the source lacks.
+  Raises FileNotFoundError naming the images the source lacks, ValueError naming a truncated or
+  corrupt tarball.
   """
   if files.images_dir is not None:
     for image_id in image_ids:
@@ -485,15 +499,23 @@ def iter_image_bytes(
     return
   wanted = set(image_ids)
   path = files.tarballs[source]
-  with path.open('rb') as f, tarfile.open(fileobj=f, mode='r|gz') as tar:
-    for member in tar:
-      name = member.name.rsplit('/', 1)[-1]
-      if not member.isfile() or name not in wanted:
-        continue
-      yield name, tar.extractfile(member).read()
-      wanted.discard(name)
-      if not wanted:
-        return
+  try:
+    with path.open('rb') as f, tarfile.open(fileobj=f, mode='r|gz') as tar:
+      for member in tar:
+        name = member.name.rsplit('/', 1)[-1]
+        if not member.isfile() or name not in wanted:
+          continue
+        data = tar.extractfile(member).read()
+        yield name, data
+        wanted.discard(name)
+        if not wanted:
+          return
+  # tarfile and gzip report a cut-off or damaged download without naming the file.
+  except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+    raise ValueError(
+      f'{path}: truncated or corrupt tarball ({type(e).__name__}: {e}); expected the complete '
+      f'{path.name} NIH ships: download it again'
+    ) from e
   if wanted:
     raise FileNotFoundError(f'{path} lacks {len(wanted)} image(s), e.g. {sorted(wanted)[:5]}')
 
@@ -569,7 +591,8 @@ def _examples_of_work(work: _Work, pool: concurrent.futures.Executor | None = No
   stream = iter_image_bytes(work.files, work.source, [e.image_id for e in work.entries])
 
   def example(image_id: str, data: bytes) -> tuple[str, dict]:
-    png = to_grey_png(data, work.size, image_id)
+    where = work.files.tarballs.get(work.source) if work.files.images_dir is None else None
+    png = to_grey_png(data, work.size, f'{image_id} in {where}' if where else image_id)
     return image_id, make_example(by_id[image_id], work.boxes.get(image_id, ()), png, work.size)
 
   if pool is None:
