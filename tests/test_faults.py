@@ -336,10 +336,11 @@ def test_config_fault(tmp_path, flag, match):
       [sys.executable, '-m', 'cxr_jax.main', '--config=configs/mobilenet_baseline.py:demo',
        f'--workdir={workdir}', flag], cwd=REPO, env=env, capture_output=True, text=True,
       timeout=300)
-  # Today a traceback (or absl's flag error) ending in the message, exit 1; issue 15, item 6
-  # (main.py) makes it one line and exit 2.
-  assert proc.returncode != 0
-  assert re.search(match, proc.stderr), proc.stderr[-2000:]
+  # A usage error: one line on stderr, exit status 2 (cxr_jax/errors.py).
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  error_lines = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(error_lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert re.search(match, error_lines[0]), proc.stderr[-2000:]
   assert _snapshot(workdir) == before and _half_written(workdir) == []
 
 
