@@ -117,14 +117,14 @@ def base_config() -> ml_collections.ConfigDict:
       'batch_size': 16, 'num_overlays': 8})
 
   # Out-of-distribution gate of the viewer (stage `fit_ood`, cxr_jax/ood.py): PCA
-  # reconstruction error of s x s thumbnails (`image_size`, components keeping `variance`) and
-  # the Mahalanobis distance of the pooled last feature map, fitted on up to `max_images` images
-  # of the training split (robust z scores from `folds`-fold cross-fitting), the threshold set
-  # on the validation split for `false_alarm_rate`; one gate per model of `stages` (() = the
-  # stages of report_models).
+  # reconstruction error of standardised s x s thumbnails (`image_size`, components keeping
+  # `variance`; `features`: also the Mahalanobis distance of the pooled last feature map),
+  # fitted on up to `max_images` images of the training split (robust z scores from
+  # `folds`-fold cross-fitting), the threshold set on the validation split for
+  # `false_alarm_rate`; one gate per model of `stages` (() = the stages of report_models).
   c.ood = ml_collections.ConfigDict({
-      'false_alarm_rate': 0.05, 'image_size': 32, 'variance': 0.95, 'max_images': 2000,
-      'folds': 5, 'batch_size': 64, 'stages': ()})
+      'false_alarm_rate': 0.05, 'image_size': 32, 'variance': 0.95, 'features': False,
+      'max_images': 2000, 'folds': 5, 'batch_size': 64, 'stages': ()})
 
   c.evaluator = 'multilabel_classification'
   c.best_metric = 'mean_auroc'

@@ -23,19 +23,25 @@ def _pooled_features(predictor: Predictor, inter: Intermediates) -> np.ndarray |
     return None
 
 
-def gate_inputs(predictor: Predictor, images: Iterable[np.ndarray], batch_size: int = 64
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-  """Thumbnails [N, s * s] and pooled features [N, C] (None without a feature map) of
-  preprocessed images [H, W, C], `batch_size` per forward pass (the last one padded)."""
+def gate_inputs(predictor: Predictor, images: Iterable[np.ndarray], *, features: bool,
+                batch_size: int = 64) -> ood.GateInputs:
+  """What the gate looks at for preprocessed images [H, W, C] (cxr_jax.ood.GateInputs); the
+  model runs only when `features`, `batch_size` images per pass (the last one padded)."""
   size = int(ood_settings(predictor)['image_size'])
-  thumbs, feats, chunk = [], [], []
+  thumbs, contrast, feats, chunk = [], [], [], []
 
   def flush():
     n = len(chunk)
     x = np.stack(chunk + [np.zeros_like(chunk[0])] * (batch_size - n))
-    thumbs.append(ood.thumbnails(x[:n], size))
-    f = _pooled_features(predictor, predictor.forward(x)[1])
-    feats.append(None if f is None else f[:n])
+    t, c = ood.thumbnails(x[:n], size)
+    thumbs.append(t)
+    contrast.append(c)
+    if features:
+      f = _pooled_features(predictor, predictor.forward(x)[1])
+      if f is None:
+        raise RunError(f'config.ood.features: the model of stage {predictor.stage!r} sows no '
+                       'feature map; set it to False.')
+      feats.append(f[:n])
     chunk.clear()
 
   for x in images:
@@ -45,9 +51,9 @@ def gate_inputs(predictor: Predictor, images: Iterable[np.ndarray], batch_size: 
   if chunk:
     flush()
   if not thumbs:
-    return np.zeros((0, size * size), np.float32), None
-  features = None if any(f is None for f in feats) else np.concatenate(feats)
-  return np.concatenate(thumbs), features
+    return ood.GateInputs(np.zeros((0, size * size), np.float32), np.zeros(0))
+  return ood.GateInputs(np.concatenate(thumbs), np.concatenate(contrast),
+                        np.concatenate(feats) if features else None)
 
 
 def ood_settings(predictor: Predictor) -> dict[str, Any]:
@@ -62,13 +68,16 @@ def fit_gate(predictor: Predictor) -> tuple[ood.OODGate, dict[str, Any]]:
   """Fits the gate on the run's training split, thresholded on its validation split."""
   cfg = ood_settings(predictor)
   limit, batch = int(cfg['max_images']), int(cfg['batch_size'])
-  train = gate_inputs(predictor, training_images(predictor, limit), batch)
+  use = bool(cfg['features'])
+  train = gate_inputs(predictor, training_images(predictor, limit), features=use,
+                      batch_size=batch)
   val_split = predictor.config.data.eval_splits.get('validation')
   if not val_split:
     raise RunError('config.data.eval_splits has no validation split to set the OOD threshold '
                    'on.')
-  val = gate_inputs(predictor, training_images(predictor, limit, val_split), batch)
-  gate, summary = ood.fit(*train, *val, image_size=int(cfg['image_size']),
+  val = gate_inputs(predictor, training_images(predictor, limit, val_split), features=use,
+                    batch_size=batch)
+  gate, summary = ood.fit(train, val, image_size=int(cfg['image_size']),
                           variance=float(cfg['variance']),
                           false_alarm_rate=float(cfg['false_alarm_rate']),
                           folds=int(cfg['folds']), seed=int(predictor.config.seed))
@@ -90,10 +99,13 @@ def score_image(gate: ood.OODGate, predictor: Predictor, x: np.ndarray,
                 inter: Intermediates) -> dict[str, Any]:
   """The gate on one preprocessed image x [H, W, C] whose forward pass gave `inter`:
   {'score', 'threshold', 'flagged', 'z': {component: z score}}."""
-  thumbs = ood.thumbnails(np.asarray(x, np.float32)[None], gate.image_size)
+  thumbs, contrast = ood.thumbnails(np.asarray(x, np.float32)[None], gate.image_size)
   features = _pooled_features(predictor, inter) if gate.uses_features else None
-  z = gate.z_scores(thumbs, features)[0]
-  score = float(np.nanmax(z))
+  inputs = ood.GateInputs(thumbs, contrast, features)
+  z = gate.z_scores(inputs)[0]
+  score = float(gate.score(inputs)[0])
+  # A flat image scores +inf; JSON has no infinity, so it is reported as a large number.
+  score = min(score, 1e9)
   return {'score': score, 'threshold': gate.threshold, 'flagged': bool(score > gate.threshold),
           'false_alarm_rate': gate.false_alarm_rate,
           'z': {c: (None if np.isnan(v) else float(v))

@@ -36,10 +36,10 @@ def fit_ood_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
     test_split = config.data.eval_splits.get('test')
     if test_split:
       cfg = ood_lib.ood_settings(predictor)
-      thumbs, feats = ood_lib.gate_inputs(
+      inputs = ood_lib.gate_inputs(
           predictor, inference.training_images(predictor, int(cfg['max_images']), test_split),
-          int(cfg['batch_size']))
-      scores = gate.score(thumbs, feats)
+          features=gate.uses_features, batch_size=int(cfg['batch_size']))
+      scores = gate.score(inputs)
       summary.update(test_split=test_split, num_test=int(len(scores)),
                      false_alarm_rate_test=float(np.mean(scores > gate.threshold)))
     run.write_ood_gate(stage, gate.to_arrays(), summary)
