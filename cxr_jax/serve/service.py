@@ -105,7 +105,8 @@ class Segmentation:
   def __init__(self, segmenter: Any):
     self.segmenter = segmenter
     names = (getattr(segmenter, 'structure_names', None)
-             or getattr(segmenter, 'structures', None))
+             or getattr(segmenter, 'structures', None)
+             or getattr(segmenter, 'class_names', None))
     self.lock = threading.Lock()
     self.names = tuple(names) if names else None
 
@@ -127,8 +128,9 @@ class Segmentation:
         (w, h), Image.Resampling.BILINEAR), np.float32)
     with self.lock:
       probs = np.asarray(self.segmenter.segment(np.clip(small, 0.0, 1.0)[None]), np.float32)
-    if probs.ndim != 4 or probs.shape[:3] != (1, h, w):
-      raise RunError(f'the segmenter returned shape {probs.shape}; expected [1, {h}, {w}, S]')
+    if probs.ndim != 4 or probs.shape[0] != 1:
+      raise RunError(f'the segmenter returned shape {probs.shape}; expected [1, H, W, S]')
+    h, w = probs.shape[1:3]  # a segmenter may answer at its own resolution
     names = self.names or tuple(f'structure {s + 1}' for s in range(probs.shape[-1]))
     out = []
     for s, name in enumerate(names[:probs.shape[-1]]):
