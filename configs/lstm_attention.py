@@ -38,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   baseline = config_lib.load_sibling(__file__, 'mobilenet_baseline.py')
   config = baseline.get_config()
   config.name = 'lstm_attention'
-  config.stages = ('train_classifier', 'train_attention', 'evaluate', 'explain', 'report')
+  config.stages = ('train_classifier', 'train_attention', 'evaluate', 'fit_ood', 'explain',
+                   'report')
   config.report_models = (('train_classifier', 'Without Attention'),
                           ('train_attention', 'Attention-guided'))
 

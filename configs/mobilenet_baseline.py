@@ -32,7 +32,7 @@ from cxr_jax.models.mobilenet import MOBILENET_V1_BLOCKS
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.name = 'mobilenet_baseline'
-  config.stages = ('train_classifier', 'evaluate', 'explain', 'report')
+  config.stages = ('train_classifier', 'evaluate', 'fit_ood', 'explain', 'report')
   config.report_models = (('train_classifier', 'Without Attention'),)
 
   config.data.name = 'nih_chest_xray14/patient13-224'

@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.name = ''
   c.seed = 0
   c.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators, parameters stay float32
-  c.stages = ('train_classifier', 'evaluate', 'report')
+  c.stages = ('train_classifier', 'evaluate', 'fit_ood', 'report')
   # Training stages whose best checkpoints `evaluate` and `report` put side by side, in table
   # order: (stage, label in the tables) pairs.
   c.report_models = (('train_classifier', 'Model'),)
@@ -119,6 +119,16 @@ def base_config() -> ml_collections.ConfigDict:
                                           'thresholds': (60 / 255, 180 / 255)}),
       'iou_thresholds': (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), 'require_prediction': False,
       'batch_size': 16, 'num_overlays': 8})
+
+  # Out-of-distribution gate of the viewer (stage `fit_ood`, cxr_jax/ood.py): PCA
+  # reconstruction error of standardised s x s thumbnails (`image_size`, components keeping
+  # `variance`; `features`: also the Mahalanobis distance of the pooled last feature map),
+  # fitted on up to `max_images` images of the training split (robust z scores from
+  # `folds`-fold cross-fitting), the threshold set on the validation split for
+  # `false_alarm_rate`; one gate per model of `stages` (() = the stages of report_models).
+  c.ood = ml_collections.ConfigDict({
+      'false_alarm_rate': 0.05, 'image_size': 32, 'variance': 0.95, 'features': False,
+      'max_images': 2000, 'folds': 5, 'batch_size': 64, 'stages': ()})
 
   c.evaluator = 'multilabel_classification'
   c.best_metric = 'mean_auroc'
@@ -259,6 +269,9 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   _check('nan_policy', _one_of, config.get('nan_policy', 'stop'), ('stop', 'skip'))
   _check('threshold_rule', _one_of, config.get('threshold_rule', 'max_f1'),
          tuple(metrics.THRESHOLD_RULES))
+  if 'ood' in config and not 0.0 < config.ood.false_alarm_rate < 1.0:
+    raise ValueError(f'config.ood.false_alarm_rate={config.ood.false_alarm_rate!r}: expected a '
+                     'rate in (0, 1).')
   if config.explain.get('laplace_n', 0) < 0:
     raise ValueError(f'config.explain.laplace_n={config.explain.laplace_n!r}: expected >= 0 '
                      '(0 = the training split size).')

@@ -19,6 +19,8 @@ its readers and writers. A run of `python -m cxr_jax.main` looks like this:
       localization.json  records.jsonl  overlays/*.png
     explain/
       index.json  *.pda.png  *.attention.png
+    ood/<stage>/
+      gate.npz  gate.json         the out-of-distribution gate of the stage's model (fit_ood)
     report/                       report.md, metrics.json, roc.png, ... (the report stage)
     predictions/                  default output of `python -m cxr_jax.predict`
     error.log                     tracebacks of failed runs (the terminal shows one line)
@@ -36,7 +38,14 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from cxr_jax.io_utils import atomic_write_json, atomic_write_npz, atomic_write_text
+from cxr_jax.io_utils import (
+    atomic_write_files,
+    atomic_write_json,
+    atomic_write_npz,
+    atomic_write_text,
+    json_text,
+    npz_bytes,
+)
 
 # Training stages, later ones first: the default model of a run is its most refined one.
 TRAIN_STAGES = ('train_attention', 'train_hard_examples', 'train_classifier', 'train')
@@ -59,6 +68,9 @@ _RECORDS = 'records.jsonl'
 _OVERLAYS = 'overlays'
 _EXPLAIN = 'explain'
 _EXPLAIN_INDEX = 'index.json'
+_OOD = 'ood'
+_OOD_ARRAYS = 'gate.npz'
+_OOD_SUMMARY = 'gate.json'
 _REPORT = 'report'
 # What the report stage writes into report/, by kind.
 REPORT_FILES = {'markdown': 'report.md', 'metrics': 'metrics.json', 'roc': 'roc.png',
@@ -266,6 +278,33 @@ class Run:
   def read_explain_index(self) -> dict[str, Any] | None:
     path = self.explain_index_file
     return read_json(path, 'the explain stage index') if path.exists() else None
+
+  # ---------------------------------------------------------------------------- OOD gate
+  def ood_dir(self, stage: str) -> epath.Path:
+    return self.root / _OOD / stage
+
+  def ood_arrays_file(self, stage: str) -> epath.Path:
+    return self.ood_dir(stage) / _OOD_ARRAYS
+
+  def ood_summary_file(self, stage: str) -> epath.Path:
+    return self.ood_dir(stage) / _OOD_SUMMARY
+
+  def write_ood_gate(self, stage: str, arrays: dict[str, np.ndarray],
+                     summary: dict[str, Any]) -> None:
+    """The fit_ood stage's gate of `stage` (cxr_jax/ood.py arrays) and its summary."""
+    # One call, the summary replaced first: readers look for the arrays, so they never see
+    # a gate without its summary.
+    atomic_write_files({self.ood_summary_file(stage): lambda: json_text(summary),
+                        self.ood_arrays_file(stage): lambda: npz_bytes(**arrays)})
+
+  def read_ood_gate(self, stage: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """(arrays, summary) of the gate of `stage`, or None when fit_ood has not run for it."""
+    path = self.ood_arrays_file(stage)
+    if not path.exists():
+      return None
+    with np.load(path) as f:
+      arrays = {k: f[k] for k in f.files}
+    return arrays, read_json(self.ood_summary_file(stage), f'the OOD gate summary of {stage!r}')
 
   # ---------------------------------------------------------------------------- outputs
   @property

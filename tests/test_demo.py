@@ -55,8 +55,13 @@ def test_demo_command_end_to_end(phantom_data_dir, tmp_path):
   assert (workdir / 'train_classifier' / 'best').is_dir()
   assert (workdir / 'train_classifier' / 'logs').is_dir()
   assert json.loads((workdir / 'config.json').read_text())['batch_size'] == 8
+  # The viewer's OOD gate of the model (stage fit_ood).
+  from cxr_jax import layout
+  gate = layout.Run(workdir).read_ood_gate('train_classifier')
+  assert gate is not None and gate[1]['num_train'] == 24
 
   # The same command again: every stage is skipped.
   again = _run(*args)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stderr.count('already finished') == 4
+  # train_classifier, evaluate, fit_ood, explain, report
+  assert again.stderr.count('already finished') == 5

@@ -15,7 +15,7 @@ TOP = ('cxr_jax.main', 'cxr_jax.predict', 'cxr_jax.report', 'cxr_jax.serve', 'cx
 # Libraries: models, attention, explanations, data, metrics, losses.
 LIBRARY_DIRS = ('explain', 'attention', 'models', 'data')
 LIBRARY_MODULES = ('metrics.py', 'losses.py', 'evaluate.py', 'reporting.py', 'layout.py',
-                   'io_utils.py', 'checkpoints.py', 'hard_examples.py', 'optim.py')
+                   'io_utils.py', 'checkpoints.py', 'hard_examples.py', 'optim.py', 'ood.py')
 # (`python -m cxr_jax.report --out` writes its own comparison files into a folder of the user's,
 # not into a workdir.)
 WORKDIR_FILE_NAMES = ('config.json', 'model.json', 'DONE.json', 'thresholds.json',

@@ -69,7 +69,7 @@ def get_config(name: str, *, fam: bool, sam: bool, hard: bool, label: str,
   config.name = name
   train_stages = ('train_classifier', 'mine_hard_examples', 'train_hard_examples') if hard \
       else ('train_classifier',)
-  config.stages = (*train_stages, 'evaluate', 'localize', 'report')
+  config.stages = (*train_stages, 'evaluate', 'fit_ood', 'localize', 'report')
   config.report_models = ((('train_classifier', f'{label} stage 1 (set A)'),
                            ('train_hard_examples', label)) if hard
                           else (('train_classifier', label),))

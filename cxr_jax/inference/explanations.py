@@ -7,7 +7,7 @@ the `localize` and `explain` stages and the viewer all go through it.
 """
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -147,9 +147,16 @@ def fit_pda_sampler(settings: PDASettings, reference: np.ndarray) -> Any:
 
 
 def pda_heatmaps(predictor: Predictor, x: np.ndarray, sampler: Any, settings: PDASettings,
-                 key: jax.Array) -> np.ndarray:
+                 key: jax.Array, wrap: Callable[[Callable], Callable] | None = None
+                 ) -> np.ndarray:
   """PDA relevance [K, h, w] (weight of evidence, log2 odds) of one preprocessed image x
-  [H, W, C], over its feature map or its pixels (settings.level)."""
+  [H, W, C], over its feature map or its pixels (settings.level).
+
+  wrap: applied to the function PDA re-evaluates (head or whole network), e.g. to report
+  progress from inside the compiled loop; return the same object for the same input, or every
+  call compiles anew.
+  """
+  wrap = wrap or (lambda fn: fn)
   padding = settings.padding if settings.sampler == 'conditional' else None
   kwargs = dict(window=settings.window, stride=settings.stride, padding=padding,
                 num_samples=settings.num_samples, key=key, chunk_size=settings.chunk_size,
@@ -157,9 +164,10 @@ def pda_heatmaps(predictor: Predictor, x: np.ndarray, sampler: Any, settings: PD
   try:
     if settings.level == 'features':
       features = predictor.feature_maps(predictor.forward(x[None])[1])[0]
-      return np.asarray(pda.pda_features(predictor.head_fn(), features, sampler, **kwargs),
-                        np.float32)
-    return np.asarray(pda.pda_pixels(predictor.logits_fn(), x, sampler, **kwargs), np.float32)
+      return np.asarray(pda.pda_features(wrap(predictor.head_fn()), features, sampler,
+                                         **kwargs), np.float32)
+    return np.asarray(pda.pda_pixels(wrap(predictor.logits_fn()), x, sampler, **kwargs),
+                      np.float32)
   except ValueError as e:
     raise RunError(f'config.explain ({settings.level} level): {e}') from e
 
@@ -180,9 +188,11 @@ def reference_maps(predictor: Predictor, settings: PDASettings,
   return np.stack(out)
 
 
-def training_images(predictor: Predictor, limit: int) -> Iterable[np.ndarray]:
-  """The first `limit` images of the run's training split, preprocessed as the stage's eval
-  data ([H, W, C]); RunError when the run's data is not on this machine."""
+def training_images(predictor: Predictor, limit: int, split: str | None = None
+                    ) -> Iterable[np.ndarray]:
+  """The first `limit` images of the run's training split (or of `split`, e.g. its validation
+  split), preprocessed as the stage's eval data ([H, W, C]); RunError when the run's data is
+  not on this machine."""
   if predictor.config is None:
     raise RunError(f'{predictor.workdir}: no saved config, so its training data is unknown; '
                    'pass reference images (--pda_reference=FOLDER).')
@@ -191,7 +201,8 @@ def training_images(predictor: Predictor, limit: int) -> Iterable[np.ndarray]:
   with data_cfg.unlocked():
     data_cfg.pp_eval = predictor.info.pp_eval
   try:
-    batches = pipeline.make_eval_iter(data_cfg, data_cfg.train_split, global_batch_size=8)
+    batches = pipeline.make_eval_iter(data_cfg, split or data_cfg.train_split,
+                                      global_batch_size=8)
   except FileNotFoundError as e:
     raise RunError(f'PDA needs reference images for its sampler and the run\'s training data '
                    f'is not here ({e}); pass --pda_reference=FOLDER.') from e

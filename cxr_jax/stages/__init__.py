@@ -8,6 +8,7 @@ resumes from its own checkpoints.
 - training.py: `train_classifier`, `train_attention`, `train_hard_examples` (the loop).
 - evaluation.py: `evaluate` (metrics, predictions, per-class thresholds), `mine_hard_examples`.
 - localize.py, explain.py: heat maps against the experts' boxes; PDA figures.
+- ood.py: `fit_ood`, the viewer's out-of-distribution gate of each model.
 - report.py: the report of everything above, written in one go.
 """
 
@@ -22,11 +23,11 @@ from etils import epath
 
 from cxr_jax import errors, layout, preemption
 from cxr_jax.config_lib import stage_config
-from cxr_jax.stages import evaluation, explain, localize, report, training
+from cxr_jax.stages import evaluation, explain, localize, ood, report, training
 from cxr_jax.stages.base import STAGES, StageFn, is_chief
 
-__all__ = ['STAGES', 'StageFn', 'evaluation', 'explain', 'is_chief', 'localize', 'report', 'run',
-           'stage_config', 'training']
+__all__ = ['STAGES', 'StageFn', 'evaluation', 'explain', 'is_chief', 'localize', 'ood', 'report',
+           'run', 'stage_config', 'training']
 
 
 def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
