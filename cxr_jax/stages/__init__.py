@@ -8,6 +8,8 @@ resumes from its own checkpoints.
 - training.py: `train_classifier`, `train_attention`, `train_hard_examples` (the loop).
 - evaluation.py: `evaluate` (metrics, predictions, per-class thresholds), `mine_hard_examples`.
 - localize.py, explain.py: heat maps against the experts' boxes; PDA figures.
+- cross_validation.py: `cross_validate` (paper 003: k folds, each a run of its own).
+- activations.py: `activations` (paper 003's filter, activation and heat map figures).
 - report.py: the report of everything above, written in one go.
 """
 
@@ -21,11 +23,19 @@ from etils import epath
 
 from cxr_jax import layout
 from cxr_jax.config_lib import stage_config
-from cxr_jax.stages import evaluation, explain, localize, report, training
+from cxr_jax.stages import (
+  activations,
+  cross_validation,
+  evaluation,
+  explain,
+  localize,
+  report,
+  training,
+)
 from cxr_jax.stages.base import STAGES, StageFn, is_chief
 
-__all__ = ['STAGES', 'StageFn', 'evaluation', 'explain', 'is_chief', 'localize', 'report', 'run',
-           'stage_config', 'training']
+__all__ = ['STAGES', 'StageFn', 'activations', 'cross_validation', 'evaluation', 'explain',
+           'is_chief', 'localize', 'report', 'run', 'stage_config', 'training']
 
 
 def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
