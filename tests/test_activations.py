@@ -65,3 +65,19 @@ def test_maximize_activation_raises_the_chosen_channel():
     assert after_v > before_v + 0.1
   shown = A.synthesized_images(after)
   assert shown.shape == (2, 16, 16) and shown.min() == 0.0 and shown.max() == 1.0
+
+
+@pytest.mark.parametrize('cfg,size', [
+    ({'name': 'custom_cnn', 'widths': (4, 4, 8, 8, 8), 'hidden': 8}, 96),
+    ({'name': 'alexnet', 'hidden': 8}, 96),
+    ({'name': 'vgg16', 'widths': (2, 2, 4, 4, 4), 'hidden': 8}, 64)])
+def test_head_fn_recomputes_the_logits_for_grad_cam(cfg, size):
+  import ml_collections
+
+  from cxr_jax.models import build_model, model_function
+  model = build_model(ml_collections.ConfigDict(cfg), num_classes=2)
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  variables = model.init(jax.random.key(1), x)
+  logits, features = model.apply(variables, x, return_features=True)
+  head = model_function(model, 'head_fn')(model, variables)
+  np.testing.assert_allclose(head(features), logits, rtol=1e-4, atol=1e-5)

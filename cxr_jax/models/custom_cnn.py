@@ -133,3 +133,31 @@ class CustomCNN(nn.Module):
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init, name='classifier_6')(x)
     logits = x.astype(jnp.promote_types(self.dtype, jnp.float32))
     return (logits, features) if return_features else logits
+
+
+def _dense(params: dict, name: str, x: jax.Array, dtype: Any) -> jax.Array:
+  return x @ params[name]['kernel'].astype(dtype) + params[name]['bias'].astype(dtype)
+
+
+def fc_head(params: dict, x: jax.Array, dtype: Any) -> jax.Array:
+  """The eval-mode classifier fc6 - ReLU - fc7 - ReLU - fc8 (`classifier_0/3/6`, dropout off)
+  on flattened features [N, D] -> logits [N, K] (float32); shared by VGG and AlexNet."""
+  names = [n for n in params if n.startswith('classifier_')]
+  names.sort(key=lambda n: int(n.split('_')[1]))
+  for name in names[:-1]:
+    x = nn.relu(_dense(params, name, x, dtype))
+  return _dense(params, names[-1], x, dtype).astype(jnp.promote_types(dtype, jnp.float32))
+
+
+def head_fn(model: CustomCNN, variables: dict):
+  """features (conv5 after its ReLU) [N, h, w, C] -> logits [N, K]: pool5, fc6, fc7, fc8 (for
+  Grad-CAM beside paper 003's activation maps)."""
+  params = variables['params']
+
+  def fn(features: jax.Array) -> jax.Array:
+    x = features.astype(model.dtype)
+    if model.pool5:
+      x = max_pool(x, 3, 2)
+    return fc_head(params, flatten_nhwc(x), model.dtype)
+
+  return fn

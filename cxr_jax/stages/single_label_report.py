@@ -35,7 +35,7 @@ def _activations_section(run: layout.Run, files: dict[epath.Path, Any]) -> str:
 
 
 def write_report(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """report/report.md, metrics.json, roc.png (+ folds.csv, activations/)."""
+  """The Markdown report, metrics JSON and ROC plot (+ per-fold CSV, figures) in report/."""
   run = layout.Run(workdir)
   title = f'{config.name}: {config.data.name}'
   files: dict[epath.Path, Any] = {}
