@@ -212,6 +212,12 @@ def validate(config: ml_collections.ConfigDict, stage_names: Container[str] | No
     if stage not in config.stages and stage not in cv_stages:
       raise ValueError(f'config.report_models: {stage!r} is not one of config.stages '
                        f'{list(config.stages)}.')
+  if 'cross_validate' in config.stages:
+    if config.cv.folds < 3:
+      raise ValueError(f'config.cv.folds={config.cv.folds!r}: the cross_validate stage needs '
+                       '>= 3 folds (one tests, the next validates, the rest train).')
+    for stage in config.cv.stages:
+      check_stage('cv.stages', stage)
   _check_fields(config)
   for stage in config.stage_overrides:
     check_stage('stage_overrides', stage)
