@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     'numpy>=1.26',
     'scipy>=1.12',
     'scikit-learn>=1.5',
+    'scikit-image>=0.22',  # CLAHE (paper 003's `clahe` op: equalize_adapthist)
     'pillow>=10.0',
     'matplotlib>=3.8',
     'tqdm>=4.66',

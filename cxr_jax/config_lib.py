@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the image (passed to it by name, e.g. ('masks',)); cxr_jax/data/pipeline.py.
   c.data.target = 'labels'
   c.data.inputs = ()
+  # Features the preprocessing ops read that are not batched (e.g. ('lung_mask', 'image_id')
+  # for paper 003's lung_roi), and a JSON file of splits by image id (k-fold
+  # cross-validation; the cross_validate stage sets it per fold): cxr_jax/data/pipeline.py.
+  c.data.pp_keys = ()
+  c.data.split_ids = ''
 
   c.model = ml_collections.ConfigDict({'name': 'mobilenet_v1'})
   c.loss = 'sigmoid_bce'
@@ -129,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.ood = ml_collections.ConfigDict({
       'false_alarm_rate': 0.05, 'image_size': 32, 'variance': 0.95, 'features': False,
       'max_images': 2000, 'folds': 5, 'batch_size': 64, 'stages': ()})
+  # k-fold cross-validation (stage `cross_validate`, cxr_jax/data/folds.py): folds = k >= 3
+  # (0: off) over the examples of TFDS split `pool`, stratified by the single label, grouped by
+  # patient, shuffled with `seed`; each fold runs `stages` in its own sub-run of the workdir.
+  c.cv = ml_collections.ConfigDict({'folds': 0, 'seed': 0, 'pool': 'train+validation+test',
+                                    'stages': ('train_classifier', 'evaluate')})
 
   c.evaluator = 'multilabel_classification'
   c.best_metric = 'mean_auroc'
@@ -209,10 +219,18 @@ def validate(config: ml_collections.ConfigDict, stage_names: Container[str] | No
 
   for stage in config.stages:
     check_stage('stages', stage)
+  # Cross-validated runs report the models their folds train (config.cv.stages).
+  cv_stages = tuple(config.cv.stages) if 'cross_validate' in config.stages else ()
   for stage, _ in config.report_models:
-    if stage not in config.stages:
+    if stage not in config.stages and stage not in cv_stages:
       raise ValueError(f'config.report_models: {stage!r} is not one of config.stages '
                        f'{list(config.stages)}.')
+  if 'cross_validate' in config.stages:
+    if config.cv.folds < 3:
+      raise ValueError(f'config.cv.folds={config.cv.folds!r}: the cross_validate stage needs '
+                       '>= 3 folds (one tests, the next validates, the rest train).')
+    for stage in config.cv.stages:
+      check_stage('cv.stages', stage)
   _check_fields(config)
   for stage in config.stage_overrides:
     check_stage('stage_overrides', stage)
@@ -236,11 +254,18 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   _check('optimizer.name', optim.OPTIMIZERS.get, config.optimizer.name)
   _check('optimizer.schedule.name', optim.SCHEDULES.get, config.optimizer.schedule.name)
   _check('evaluator', EVALUATORS.get, config.evaluator)
-  _check('best_metric', evaluate.select_metric, {}, config.best_metric, True)
+  scalars = getattr(EVALUATORS.get(config.evaluator), 'SCALAR_METRICS', None)
+  _check('best_metric', evaluate.select_metric, {}, config.best_metric, True, scalars)
   if config.optimizer.plateau.enabled:
     _check('optimizer.plateau.metric', evaluate.select_metric, {}, config.optimizer.plateau.metric,
-          True)
-  _check('data.classes', class_indices, tuple(config.data.classes))
+          True, scalars)
+  if config.data.get('target', 'labels') == 'labels':
+    # Multi-hot labels are gathered from the NIH vocabulary; a single-label target ('label')
+    # names its own classes (e.g. ('normal', 'tb')).
+    _check('data.classes', class_indices, tuple(config.data.classes))
+  elif not config.data.classes or len(set(config.data.classes)) != len(config.data.classes):
+    raise ValueError(f'config.data.classes={tuple(config.data.classes)!r}: expected distinct '
+                     'class names.')
   _check('localize.method', _one_of, config.localize.method, ('cam', 'grad_cam'))
   _check('hard_examples.copies', _one_of, config.hard_examples.copies,
          ('per_image', 'per_pair'))

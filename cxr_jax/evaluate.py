@@ -112,18 +112,20 @@ def higher_is_better(name: str) -> bool:
   return name.rsplit('/', 1)[-1] not in _LOWER_IS_BETTER
 
 
-def _well_formed(name: str) -> bool:
-  """True if `name` is a metric some `compute_metrics` dict has (class names unchecked)."""
+def _well_formed(name: str, scalars: Sequence[str] = SCALAR_METRICS) -> bool:
+  """True if `name` is a metric some metrics dict has (class names unchecked); `scalars`: the
+  evaluator's top-level names (`SCALAR_METRICS` for multi-label, cxr_jax/single_label.py's)."""
   parts = name.split('/')
   if len(parts) == 1:
-    return name in SCALAR_METRICS
+    return name in scalars
   if len(parts) == 2:
     return parts[0] == 'auroc' and bool(parts[1])
   return (len(parts) == 3 and parts[0] == 'per_class' and bool(parts[1])
           and parts[2] in PER_CLASS_METRICS)
 
 
-def _metric_leaves(metrics: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def _metric_leaves(metrics: Mapping[str, Any], prefix: str = '',
+                   scalars: Sequence[str] = SCALAR_METRICS) -> dict[str, Any]:
   """Flattens the scoring entries of a metrics dict to {'a/b': value}.
 
   Counts and settings (num_examples, thresholds, support, ...) are not metrics to select by;
@@ -133,8 +135,8 @@ def _metric_leaves(metrics: Mapping[str, Any], prefix: str = '') -> dict[str, An
   for key, value in metrics.items():
     path = f'{prefix}{key}'
     if isinstance(value, Mapping):
-      out.update(_metric_leaves(value, prefix=f'{path}/'))
-    elif _well_formed(path) and (value is None or isinstance(value, int | float)):
+      out.update(_metric_leaves(value, prefix=f'{path}/', scalars=scalars))
+    elif _well_formed(path, scalars) and (value is None or isinstance(value, int | float)):
       out[path] = value
   return out
 
@@ -165,7 +167,8 @@ def is_improvement(value: float, best: float | None, higher_is_better: bool) -> 
 
 
 def select_metric(
-    metrics: Mapping[str, Any], name: str, check_only: bool = False
+    metrics: Mapping[str, Any], name: str, check_only: bool = False,
+    scalars: Sequence[str] | None = None,
 ) -> MetricValue:
   """Looks up a validation metric by name for choosing the best checkpoint.
 
@@ -175,6 +178,8 @@ def select_metric(
       or a nested one joined with '/' ('auroc/Effusion', 'per_class/Mass/f1').
     check_only: only check that `name` is well formed (before any evaluation, `metrics` may be
       empty); the value is then nan.
+    scalars: the evaluator's top-level metric names (its `SCALAR_METRICS`; None: the
+      multi-label ones here).
 
   Returns:
     MetricValue(value, higher_is_better), a 2-tuple; value is nan where the metric is undefined
@@ -183,13 +188,15 @@ def select_metric(
   Raises:
     ValueError: unknown name, listing the available ones.
   """
-  leaves = {} if check_only else _metric_leaves(metrics)
-  if not _well_formed(name) or not (check_only or name in leaves):
+  scalars = SCALAR_METRICS if scalars is None else tuple(scalars)
+  leaves = {} if check_only else _metric_leaves(metrics, scalars=scalars)
+  if not _well_formed(name, scalars) or not (check_only or name in leaves):
     # Per-class names are summarised by pattern: listing 5 names for each of 14 classes hides
     # the handful of scalar metrics one usually wants.
-    classes = f' (<class> in {", ".join(metrics["auroc"])})' if 'auroc' in metrics else ''
+    classes = (f' (<class> in {", ".join(metrics["auroc"])})'
+               if isinstance(metrics.get('auroc'), Mapping) else '')
     raise ValueError(
-        f'Unknown metric {name!r}; available: {", ".join(SCALAR_METRICS)}, '
+        f'Unknown metric {name!r}; available: {", ".join(scalars)}, '
         f'{", ".join(_NAME_PATTERNS)}{classes}.'
     )
   if check_only:

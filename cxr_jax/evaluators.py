@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cxr_jax import evaluate, metrics, parallel
+from cxr_jax import evaluate, metrics, parallel, single_label
 from cxr_jax.registry import Registry
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
@@ -53,6 +53,9 @@ class ClassificationEvaluator:
   best checkpoint on validation; the evaluate stage applies validation's to the test split.
   """
 
+  # Top-level metric names of `metrics` (what config.best_metric may name).
+  SCALAR_METRICS = evaluate.SCALAR_METRICS
+
   def __init__(self, predict_fn: PredictFn, data_cfg: ml_collections.ConfigDict, split: str, *,
                batch_size: int, mesh: jax.sharding.Mesh, class_names: tuple[str, ...],
                threshold: float | str | list[float] = 0.5, threshold_rule: str = 'max_f1',
@@ -77,7 +80,7 @@ class ClassificationEvaluator:
     ids, labels, probs = [], [], []
     inputs = tuple(self.data_cfg.get('inputs', ()))
     for batch in self.input:
-      local = {'image': batch['image'], 'labels': batch['labels'], 'mask': batch['mask'],
+      local = {'image': batch['image'], 'labels': self._labels(batch), 'mask': batch['mask'],
                'ids': parallel.encode_strings(batch['image_id']),
                **{k: batch[k] for k in inputs}}
       glob = parallel.to_global(local, self.mesh)
@@ -91,6 +94,20 @@ class ClassificationEvaluator:
     return Predictions(ids, np.concatenate(labels).astype(np.float32),
                        np.concatenate(probs).astype(np.float32))
 
+  def _labels(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The batch's labels as [b, K] float32 (multi-hot 'labels' here)."""
+    return batch['labels']
+
+  def choose_thresholds(self, preds: Predictions) -> np.ndarray:
+    """Per-class thresholds [K] chosen by `threshold_rule` on `preds` (the validation split)."""
+    return metrics.choose_thresholds(preds.labels, preds.probs, self.threshold_rule)
+
+  def scalar_summary(self, preds: Predictions, threshold: float) -> dict[str, Any]:
+    """The headline metrics at one scalar threshold (shown beside per-class thresholds)."""
+    m = self.metrics(preds, threshold=threshold)
+    return {'threshold': threshold, **{k: m[k] for k in (
+        'binary_accuracy', 'f1', 'f1_micro', 'f1_macro', 'f1_samples', 'mean_auroc', 'mae')}}
+
   def metrics(self, preds: Predictions, threshold: Any = None) -> dict[str, Any]:
     """Metrics of `preds` at `threshold` (default: the evaluator's, resolved on `preds`)."""
     if threshold is None:
@@ -102,3 +119,46 @@ class ClassificationEvaluator:
   def run(self, variables: Any) -> tuple[dict[str, Any], Predictions]:
     preds = self.predict(variables)
     return self.metrics(preds), preds
+
+
+@EVALUATORS.register('single_label_classification')
+class SingleLabelEvaluator(ClassificationEvaluator):
+  """Accuracy, AUROC, sensitivity, specificity, F1 with bootstrap 95 % intervals of a
+  single-label classifier (config.data.target = 'label'; cxr_jax/single_label.py).
+
+  Predictions hold one-hot labels [N, K] (K = 1 for one sigmoid output: the positive
+  indicator) and the model's probabilities [N, K] (softmax or sigmoid). threshold: the
+  decision threshold on the positive (last) class's probability, or 'per_class': chosen on the
+  evaluated split by `threshold_rule` ('max_f1' or 'youden'), which is how the train loop
+  selects on validation and how the evaluate stage picks the operating point it then applies
+  to the test split. Thresholds are given per class as [1 - t, t] for two softmax outputs (a
+  class is found when its probability is above its threshold, as for multi-label models).
+  """
+
+  SCALAR_METRICS = single_label.SCALAR_METRICS
+
+  def _labels(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    k = len(self.class_names)
+    index = np.asarray(batch['label']).astype(np.int64)
+    if k == 1:
+      return index[:, None].astype(np.float32)
+    return np.eye(k, dtype=np.float32)[index]
+
+  def choose_thresholds(self, preds: Predictions) -> np.ndarray:
+    k = len(self.class_names)
+    if k > 2:  # argmax decides; thresholds are not used
+      return np.full((k,), 0.5)
+    t = single_label.choose_threshold(single_label.class_indices(preds.labels), preds.probs,
+                                      self.threshold_rule)
+    return np.array([t] if k == 1 else [1.0 - t, t])
+
+  def scalar_summary(self, preds: Predictions, threshold: float) -> dict[str, Any]:
+    m = self.metrics(preds, threshold=threshold)
+    return {'threshold': threshold, **{k: m[k] for k in single_label.SCALAR_METRICS}}
+
+  def metrics(self, preds: Predictions, threshold: Any = None) -> dict[str, Any]:
+    if threshold is None:
+      threshold = (self.choose_thresholds(preds)
+                   if isinstance(self.threshold, str) else self.threshold)
+    return single_label.compute_metrics(preds.labels, preds.probs, self.class_names,
+                                        threshold=threshold)

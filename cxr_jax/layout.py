@@ -21,6 +21,12 @@ its readers and writers. A run of `python -m cxr_jax.main` looks like this:
       index.json  *.pda.png  *.attention.png
     ood/<stage>/
       gate.npz  gate.json         the out-of-distribution gate of the stage's model (fit_ood)
+    activations/                  paper 003's figures (stage `activations`)
+      activations.json  <image>.<figure>.png
+    cv/                           k-fold cross-validation (stage `cross_validate`)
+      fold_<i>/                   a whole run per fold: config.json, train_classifier/, ...
+        split_ids.json            the fold's train/validation/test image ids
+      cv_summary.json             per-fold test metrics, mean +- sd, pooled predictions' metrics
     report/                       report.md, metrics.json, roc.png, ... (the report stage)
     predictions/                  default output of `python -m cxr_jax.predict`
     error.log                     tracebacks of failed runs (the terminal shows one line)
@@ -72,11 +78,17 @@ _OOD = 'ood'
 _OOD_ARRAYS = 'gate.npz'
 _OOD_SUMMARY = 'gate.json'
 _REPORT = 'report'
+_ACTIVATIONS = 'activations'
+_ACTIVATIONS_INDEX = 'activations.json'
+_CV = 'cv'
+_CV_SUMMARY = 'cv_summary.json'
+_SPLIT_IDS = 'split_ids.json'
 # What the report stage writes into report/, by kind.
 REPORT_FILES = {'markdown': 'report.md', 'metrics': 'metrics.json', 'roc': 'roc.png',
                 'confusion': 'confusion.png', 'localization_json': 'localization.json',
                 'localization_csv': 'localization.csv', 'heatmaps': 'heatmaps',
-                'localization_overlays': 'localization', 'thresholds': 'thresholds.csv'}
+                'localization_overlays': 'localization', 'thresholds': 'thresholds.csv',
+                'cv_folds': 'folds.csv', 'activations': 'activations'}
 _PREDICTIONS = 'predictions'
 _ERROR_LOG = 'error.log'
 
@@ -305,6 +317,49 @@ class Run:
     with np.load(path) as f:
       arrays = {k: f[k] for k in f.files}
     return arrays, read_json(self.ood_summary_file(stage), f'the OOD gate summary of {stage!r}')
+
+  # ---------------------------------------------------------------------------- paper 003
+  @property
+  def activations_dir(self) -> epath.Path:
+    return self.root / _ACTIVATIONS
+
+  @property
+  def activations_index_file(self) -> epath.Path:
+    return self.activations_dir / _ACTIVATIONS_INDEX
+
+  def write_activations_index(self, index: dict[str, Any]) -> None:
+    atomic_write_json(self.activations_index_file, index)
+
+  def read_activations_index(self) -> dict[str, Any] | None:
+    path = self.activations_index_file
+    return read_json(path, 'the activations stage index') if path.exists() else None
+
+  @property
+  def cv_dir(self) -> epath.Path:
+    return self.root / _CV
+
+  def cv_fold(self, fold: int) -> 'Run':
+    """The sub-run of cross-validation fold `fold` (a whole workdir of its own)."""
+    return Run(self.cv_dir / f'fold_{fold}')
+
+  def split_ids_file(self, fold: int) -> epath.Path:
+    return self.cv_fold(fold).root / _SPLIT_IDS
+
+  def write_split_ids(self, fold: int, content: dict[str, Any]) -> None:
+    atomic_write_json(self.split_ids_file(fold), content)
+
+  @property
+  def cv_summary_file(self) -> epath.Path:
+    return self.cv_dir / _CV_SUMMARY
+
+  def write_cv_summary(self, summary: dict[str, Any]) -> None:
+    atomic_write_json(self.cv_summary_file, summary)
+
+  def read_cv_summary(self) -> dict[str, Any]:
+    if not self.cv_summary_file.exists():
+      raise LayoutError(f'{self.cv_summary_file}: not found; the cross_validate stage of '
+                        f'{self.root} writes it.')
+    return read_json(self.cv_summary_file, 'the cross-validation summary')
 
   # ---------------------------------------------------------------------------- outputs
   @property

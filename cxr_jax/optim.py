@@ -80,12 +80,15 @@ def build_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int,
   (AdamW-style decay instead of L2 added to the gradient, which is torch/Keras `weight_decay`),
   decay_mask, grad_clip_norm, frozen (parameter path prefixes such as 'backbone' that are not
   trained), lr_multipliers (optional {path prefix: factor}: updates of matching parameters are
-  scaled by the factor, the longest matching prefix winning; factor 0 freezes, like `frozen`),
-  and any optimiser kwargs in `opt_cfg.kwargs`.
+  scaled by the factor, the longest matching prefix winning; factor 0 freezes, like `frozen`;
+  a prefix that matches no parameter is an error when the optimiser is initialised, naming
+  the top-level parameter names), and any optimiser kwargs in `opt_cfg.kwargs`.
 
-  Paper 003's fine-tuning recipe (new head, faster): `lr_multipliers={'fc8': 10.0}` trains the
-  transferred layers at the base rate and the new head at 10x (Matlab's
-  WeightLearnRateFactor); `{'fc8': 10.0, '': 0.0}` would train the head alone ('' matches all).
+  Paper 003's fine-tuning recipe (new head, faster): `lr_multipliers={'classifier_6': 10.0}`
+  trains the transferred layers at the base rate and the new 2-way head at 10x (Matlab's
+  WeightLearnRateFactor / BiasLearnRateFactor; the head the paper's Matlab nets call fc8 is
+  `classifier_6` in our VGG, AlexNet and custom CNN, torchvision's name);
+  `{'classifier_6': 10.0, '': 0.0}` would train the head alone ('' matches all).
   """
   sched_cfg = dict(opt_cfg.schedule.to_dict())
   schedule = SCHEDULES.get(sched_cfg.pop('name'))(opt_cfg.learning_rate, total_steps,
@@ -115,8 +118,20 @@ def build_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int,
     tx = optax.chain(tx, optax.multi_transform(
         {_mult_label(m): optax.scale(m) if m else optax.set_to_zero() for m in factors},
         functools.partial(_multiplier_labels, multipliers=multipliers)))
+  if multipliers:
+    tx = _checking_prefixes(tx, multipliers)
   # Last, so that `plateau_scale` finds it at opt_state[-1] whatever came before.
   return optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def _checking_prefixes(tx: optax.GradientTransformation, multipliers: dict[str, float]
+                       ) -> optax.GradientTransformation:
+  """`tx` whose init first checks that every lr_multipliers prefix matches a parameter (a
+  misspelt head name would otherwise silently train at the base rate)."""
+  def init(params):
+    check_prefixes(params, multipliers, 'lr_multipliers')
+    return tx.init(params)
+  return optax.GradientTransformation(init, tx.update)
 
 
 def _path_name(path: Any) -> str:
@@ -160,6 +175,17 @@ def _freeze_labels(params: Any, prefixes: tuple[str, ...],
       return 'frozen'
     return 'frozen' if multipliers and _multiplier(name, multipliers) == 0.0 else 'train'
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def check_prefixes(params: Any, prefixes: Any, key: str) -> None:
+  """ValueError naming `config.optimizer.<key>` entries that match no parameter path."""
+  names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  unmatched = [p for p in prefixes if p and not any(_matches(n, p) for n in names)]
+  if unmatched:
+    top = sorted({n.split('/')[0] for n in names})
+    raise ValueError(f'config.optimizer.{key}: {unmatched} match no parameter of the model '
+                     f"(paths are '/'-joined, e.g. '{names[0] if names else ''}'; top-level "
+                     f'names: {top}).')
 
 
 def _multiplier_labels(params: Any, multipliers: dict[str, float]) -> Any:

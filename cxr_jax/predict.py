@@ -1,7 +1,8 @@
 r"""Predict (and explain) on a user's own X-rays with a trained run.
 
   python -m cxr_jax.predict --workdir=RUN [--output=DIR] IMAGE_OR_FOLDER \
-      [--explain=auto|attention|pda|cam|grad_cam|none] [--stage=STAGE] [--boxes=BBOX.csv]
+      [--explain=auto|attention|pda|cam|grad_cam|activations|none] [--stage=STAGE] \
+      [--boxes=BBOX.csv] [--layer=NAME] [--channel=K]
 
 IMAGE_OR_FOLDER is one PNG/JPEG (8/16-bit) or DICOM file, or a folder searched recursively for
 .png/.jpg/.jpeg/.dcm/.dicom files. For each image, under DIR (default RUN/predictions/, the
@@ -20,6 +21,12 @@ folder's sub-folders mirrored):
   the same classes (CAM: linear heads, and paper 001's space attention class score map;
   Grad-CAM: any model) with the boxes they give in black (the run's config.localize.boxes
   settings, cxr_jax/explain/boxes.py); the JSON lists those boxes in image pixels.
+- `<name>.activations.png` (--explain=activations, paper 003's Fig. 3/4): the post-ReLU
+  activations of --layer (default conv5, the last convolution of the custom CNN, AlexNet and
+  VGG) as a grid of channels each scaled to [0, 1], channel --channel (0-based; default the
+  strongest mean activation), and its discrete-jet heat map over the image the model saw
+  (zero activations transparent); the JSON names the layer and channel. A bad --layer is
+  refused listing the model's layers, a --channel out of range naming the valid range.
 --explain=auto (default) is 'attention' for attention models and 'none' otherwise. With
 --boxes (NIH BBox_List format: image name, finding label, x, y, w, h in pixels of a
 --boxes_size-pixel image), the experts' boxes are drawn in red on the matching panels.
@@ -49,7 +56,7 @@ from cxr_jax.explain import overlays
 from cxr_jax.inference import Predictor, RunError
 from cxr_jax.io_utils import atomic_write_json
 
-EXPLAIN_MODES = ('auto', 'attention', 'pda', 'cam', 'grad_cam', 'none')
+EXPLAIN_MODES = ('auto', 'attention', 'pda', 'cam', 'grad_cam', 'activations', 'none')
 NIH_BOX_NAMES = {'Infiltrate': 'Infiltration'}
 
 
@@ -99,13 +106,21 @@ def _is_number(s: str) -> bool:
 def predict_image(predictor: Predictor, path: str, out_base: str, *, explain: str,
                   boxes: Sequence[tuple[str, tuple]] = (),
                   pda: tuple[Any, inference.PDASettings] | None = None,
-                  classes: Sequence[str] = ()) -> dict[str, Any]:
+                  classes: Sequence[str] = (), layer: str = 'conv5',
+                  channel: int | None = None) -> dict[str, Any]:
   """Predicts one file and writes `out_base`.json (+ overlay PNGs); returns the JSON record.
 
   boxes: (class name, normalised (x, y, w, h)) ground truth; pda: (fitted sampler, settings).
   """
   image, meta = imageio.read_image(path)
-  probs, inter = predictor.run(predictor.preprocess(image))
+  if 'lung_roi' in predictor.info.pp_eval:
+    raise ValueError(
+        f'{path}: the model of stage {predictor.stage!r} was trained on lung ROIs cut from lung '
+        'masks (lung_roi in its eval preprocessing), and predict takes no lung mask for this '
+        'image; use a model trained without the ROI (config argument roi=none) until masks '
+        'from a segmentation run can be supplied.')
+  x = predictor.preprocess(image)
+  probs, inter = predictor.run(x)
   names, thresholds = predictor.class_names, predictor.thresholds
   findings = predictor.findings(probs)
   record = {
@@ -144,6 +159,19 @@ def predict_image(predictor: Predictor, path: str, out_base: str, *, explain: st
     overlays.overlay_grid(image, panels, ncols=min(4, len(panels)), out_path=out,
                           suptitle=f'{os.path.basename(path)}: {explain}, {predictor.stage}; '
                           'black = boxes from the heat map')
+    record['overlays'].append(os.path.abspath(out))
+  elif explain == 'activations':
+    from cxr_jax.explain import activations as A
+    from cxr_jax.inference import activations as act
+    panels, shown = act.activation_panels(
+        predictor, x, act.ActivationSettings(layer=layer), channel=channel)
+    out = f'{out_base}.activations.png'
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+    from cxr_jax.io_utils import atomic_write_bytes
+    atomic_write_bytes(out, A.png_bytes(A.figure([panels], suptitle=(
+        f'{os.path.basename(path)}: {layer}, {predictor.stage}; ' + ', '.join(
+            f'{n} {p:.2f}' for n, p in zip(names, probs, strict=True))))))
+    record['activations'] = {'layer': layer, 'channel': shown}
     record['overlays'].append(os.path.abspath(out))
   elif explain == 'pda':
     sampler, settings = pda
@@ -191,7 +219,8 @@ def resolve_explain(explain: str, predictor: Predictor) -> str:
 def run(workdir: str, inputs: str, *, output: str | None = None, explain: str = 'auto',
         stage: str | None = None, boxes_csv: str | None = None, boxes_size: float = 1024.0,
         pda_reference: str | None = None, classes: Sequence[str] = (),
-        progress: bool = True, predictor: Predictor | None = None
+        progress: bool = True, predictor: Predictor | None = None, layer: str = 'conv5',
+        channel: int | None = None
         ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
   """Predicts every image of `inputs`; returns (records, [(path, error message)]).
 
@@ -203,6 +232,12 @@ def run(workdir: str, inputs: str, *, output: str | None = None, explain: str = 
     raise UsageError(f'{inputs}: no .png/.jpg/.jpeg/.dcm files found.')
   predictor = predictor or inference.load_predictor(workdir, stage)
   explain = resolve_explain(explain, predictor)
+  if explain == 'activations':
+    from cxr_jax.inference import activations as act
+    act.check_layer(predictor, layer)
+    if channel is not None:
+      act.check_channel(act.layer_activations(
+          predictor, np.zeros(predictor.image_shape, np.float32), layer), channel, layer)
   pda = None
   if explain == 'pda':
     settings = inference.PDASettings.from_config(predictor.config_section('explain'))
@@ -224,7 +259,7 @@ def run(workdir: str, inputs: str, *, output: str | None = None, explain: str = 
     try:
       records.append(predict_image(predictor, path, out_base, explain=explain, pda=pda,
                                    boxes=all_boxes.get(os.path.basename(path), ()),
-                                   classes=classes))
+                                   classes=classes, layer=layer, channel=channel))
     except RunError:
       raise
     except Exception as e:  # a bad file must not stop the rest; it is reported by name.
@@ -259,6 +294,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--classes', default='',
                       help='comma-separated classes to draw PDA heat maps for (default: the '
                       'detected ones)')
+  parser.add_argument('--layer', default='conv5',
+                      help='--explain=activations: the layer (default conv5, the last '
+                      'convolution)')
+  parser.add_argument('--channel', type=int, default=None,
+                      help='--explain=activations: the channel shown over the image (0-based; '
+                      'default: the strongest)')
   parser.add_argument('--verbose', action='store_true', help='log library INFO lines too')
   return parser.parse_args(list(argv)[1:])
 
@@ -276,7 +317,7 @@ def main(argv: Sequence[str]) -> int:
     records, failures = run(args.workdir, args.inputs, output=args.output, explain=args.explain,
                             stage=args.stage, boxes_csv=args.boxes,
                             boxes_size=args.boxes_size, pda_reference=args.pda_reference,
-                            classes=classes)
+                            classes=classes, layer=args.layer, channel=args.channel)
   except RunError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

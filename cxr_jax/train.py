@@ -74,8 +74,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
   class_names = tuple(config.data.classes)
   model = build_model(config.model, num_classes=len(class_names), dtype=config.dtype,
                       bn_axis_name=parallel.DATA_AXIS)
+  output = losses.output_activation(config.loss)
   evaluator = EVALUATORS.get(config.evaluator)(
-      make_predict_fn(model), config.data, config.data.eval_splits.validation,
+      make_predict_fn(model, output), config.data, config.data.eval_splits.validation,
       batch_size=config.eval_batch_size, mesh=mesh, class_names=class_names,
       threshold=config.threshold, threshold_rule=config.get('threshold_rule', 'max_f1'))
 
@@ -113,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
           dtype=config.dtype, threshold=config.threshold,
           threshold_rule=config.get('threshold_rule', 'max_f1'), pp_eval=config.data.pp_eval,
           data=config.data.name, num_train_examples=train_input.num_examples_global,
-          inputs=extra_shapes)
+          inputs=extra_shapes, output=output)
       stage.write_model_info({**info.to_json(), 'optimizer': config.optimizer.to_dict()})
     if latest is not None:
       state, meta = ckpt.restore_latest(state)
@@ -179,19 +180,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
       if is_eval:
         t_eval = time.time()
         metrics, _ = evaluator.run(state.variables())
-        value = evaluate.select_metric(metrics, config.best_metric)
+        scalars = getattr(evaluator, 'SCALAR_METRICS', None)
+        value = evaluate.select_metric(metrics, config.best_metric, scalars=scalars)
         writer.write_scalars(step, _scalars('validation/', metrics))
         is_best = value.is_better(meta['best_value'])
         if is_best:
           meta.update(best_value=value.value, best_step=step)
-        auroc = metrics['mean_auroc']
-        logging.info('step %d validation %s=%.4f mean_auroc=%s (best %.4f at step %d)', step,
+        auroc = metrics.get('mean_auroc', metrics.get('auroc'))
+        logging.info('step %d validation %s=%.4f auroc=%s (best %.4f at step %d)', step,
                      config.best_metric, value.value,
                      'n/a' if auroc is None else f'{auroc:.4f}', meta['best_value'],
                      meta['best_step'])
         plateau_cfg = config.optimizer.plateau
         if plateau_cfg.enabled:
-          pvalue = evaluate.select_metric(metrics, plateau_cfg.metric)
+          pvalue = evaluate.select_metric(metrics, plateau_cfg.metric, scalars=scalars)
           plateau, factor = optim.plateau_update(
               plateau, pvalue.value, mode='max' if pvalue.higher_is_better else 'min',
               patience=plateau_cfg.patience, factor=plateau_cfg.factor,

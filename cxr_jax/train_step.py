@@ -133,7 +133,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return step
 
 
-def make_predict_fn(model: nn.Module) -> Callable[..., jax.Array]:
-  """(variables, images [B, H, W, C], **extra inputs) -> sigmoid probabilities [B, K]."""
-  return lambda variables, images, **extra: jax.nn.sigmoid(
-      model.apply(variables, images, train=False, **extra))
+def make_predict_fn(model: nn.Module, activation: str = 'sigmoid') -> Callable[..., jax.Array]:
+  """(variables, images [B, H, W, C], **extra inputs) -> probabilities [B, K] by `activation`
+  ('sigmoid', or 'softmax' for single-label softmax models: `losses.output_activation`)."""
+  return lambda variables, images, **extra: losses.probabilities(
+      model.apply(variables, images, train=False, **extra), activation)

@@ -169,11 +169,18 @@ def split_of(seed: int, fractions: Sequence[float], records: Sequence[Record]) -
   fraction), so each group's counts are as close to the fractions as integers allow and adding
   or removing an image elsewhere never moves another image.
   """
+  return split_stems(seed, fractions, [(r.tb_set.source, r.label, r.stem) for r in records])
+
+
+def split_stems(seed: int, fractions: Sequence[float],
+                items: Sequence[tuple[str, int, str]]) -> dict[str, str]:
+  """stem -> split for (source, label, stem) items: `split_of` without Records (the team's
+  sample folders of cxr_samples use it too)."""
   if len(fractions) != len(SPLITS) or not np.isclose(sum(fractions), 1.0):
     raise ValueError(f'split_fractions must be {len(SPLITS)} numbers summing to 1: {fractions}')
   groups: dict[tuple[str, int], list[str]] = {}
-  for r in records:
-    groups.setdefault((r.tb_set.source, r.label), []).append(r.stem)
+  for source, label, stem in items:
+    groups.setdefault((source, label), []).append(stem)
   cuts = np.cumsum(fractions)
   out = {}
   for (source, _), stems in groups.items():
@@ -186,6 +193,11 @@ def split_of(seed: int, fractions: Sequence[float], records: Sequence[Record]) -
         out[stem] = split
       start = end
   return out
+
+
+def features(size: int) -> tfds.features.FeaturesDict:
+  """The feature spec of the TB builders (and of cxr_samples' TB configs) at `size` px."""
+  return _features(size)
 
 
 def _features(size: int) -> tfds.features.FeaturesDict:

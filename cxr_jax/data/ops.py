@@ -181,7 +181,7 @@ def _crop(features: Features, top: tf.Tensor, left: tf.Tensor, h: int, w: int) -
   if boxes is not None:
     scale = tf.cast(tf.stack([img_h, img_w, img_h, img_w]), tf.float32)
     offset = tf.cast(tf.stack([top, left, top, left]), tf.float32)
-    size = tf.constant([h, w, h, w], tf.float32)
+    size = tf.cast(tf.stack([h, w, h, w]), tf.float32)  # h, w may be tensors (lung_roi)
     _set_boxes(features, (boxes * scale - offset) / size)
   return features
 
@@ -470,5 +470,170 @@ def keep(*keys: str) -> Op:
     if missing:
       raise KeyError(f'keep{keys}: missing keys {missing}; present: {sorted(features)}')
     return {k: v for k, v in features.items() if k in keys or k.startswith('_')}
+
+  return op
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper 003: lung region of interest and contrast-limited adaptive histogram equalisation
+
+# The lung channels of the common 'masks' layout (left lung, right lung, heart).
+_LUNG_CHANNELS = {'masks': (0, 1)}
+ROI_MODES = ('crop', 'mask', 'crop_mask')
+
+
+def _lung_pixels(features: Features, source: str, hw: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+  """bool [H, W]: the lung pixels of mask feature `source`, resized (nearest) to the image."""
+  mask = tf.convert_to_tensor(features[source])
+  if mask.shape.rank == 2:
+    mask = mask[..., None]
+  channels = _LUNG_CHANNELS.get(source)
+  if channels is not None:
+    mask = tf.gather(mask, list(channels), axis=-1)
+  mask = tf.reduce_max(tf.cast(mask > 0, tf.uint8), axis=-1, keepdims=True)
+  mask = tf.image.resize(mask, tf.stack(hw), method='nearest')
+  return mask[..., 0] > 0
+
+
+@OPS.register('lung_roi')
+def lung_roi(mode: str = 'crop', sources: str | Sequence[str] = ('lung_mask',),
+             margin: float = 0.0) -> Op:
+  """Paper 003's lung region of interest from lung masks: crop and/or mask out.
+
+  mode: 'crop' (ours, default): the image (and 'masks', and the mask features) cropped to the
+    bounding box of the lungs, widened by `margin` x its height/width on each side (clipped);
+    'mask': pixels outside the lungs set to 0, same frame; 'crop_mask': both. The paper says
+    the lungs "constituting the ROI" are segmented and "the ROI is resized to 1024 x 1024":
+    cropping to the lungs' box is our reading; 'mask' is the alternative.
+  sources: mask features to take the lungs from, in order; the first one that is non-empty
+    for an image is used (e.g. ('lung_mask', 'unet_lung_mask'): the data set's manual masks,
+    else masks from another source). A multi-channel 'masks' feature contributes its lung
+    channels (left, right). Each source is resized (nearest) to the image first. The features
+    must be in the example: the pipeline reads them when they are named in
+    config.data.pp_keys.
+
+  An image for which every source is empty fails with an error naming the image id (when
+  the example has 'image_id') and what to do. After 'crop' the image size depends on the
+  example: follow with `resize`.
+  """
+  if mode not in ROI_MODES:
+    raise ValueError(f'mode must be one of {ROI_MODES}, got {mode!r}')
+  sources = (sources,) if isinstance(sources, str) else tuple(sources)
+  if not sources or not all(isinstance(s, str) and s for s in sources):
+    raise ValueError(f'sources must name one or more mask features, got {sources!r}')
+  if not isinstance(margin, int | float) or not 0.0 <= margin < 0.5:
+    raise ValueError(f'margin must be a number in [0, 0.5), got {margin!r}')
+
+  def op(features: Features) -> Features:
+    missing = [s for s in sources if s not in features]
+    if missing:
+      raise ValueError(
+        f'lung_roi needs the mask feature(s) {missing}, absent from the example (present: '
+        f'{sorted(k for k in features if not k.startswith("_"))}); name them in '
+        'config.data.pp_keys so that the pipeline reads them.')
+    features = dict(features)
+    hw = _hw(features['image'])
+    masks = [_lung_pixels(features, s, hw) for s in sources]
+    lungs = masks[-1]
+    for m in reversed(masks[:-1]):
+      lungs = tf.cond(tf.reduce_any(m), lambda m=m: m, lambda lungs=lungs: lungs)
+    image_id = features.get('image_id', tf.constant('<no image_id in the example>'))
+    check = tf.debugging.Assert(tf.reduce_any(lungs), [
+      'lung_roi: no lung mask for image', image_id,
+      f'(mask features {list(sources)} are all empty). The lung ROI needs a mask for every '
+      'image: use a data set with lung masks, add masks from another source to '
+      'lung_roi(sources=...) (e.g. U-Net masks, paper 004), or drop lung_roi from '
+      'config.data.pp_train / pp_eval.'])
+    with tf.control_dependencies([check]):
+      lungs = tf.identity(lungs)
+    if mode in ('mask', 'crop_mask'):
+      keep = tf.cast(lungs[..., None], features['image'].dtype)
+      features['image'] = features['image'] * keep
+    if mode in ('crop', 'crop_mask'):
+      h, w = hw
+      rows = tf.where(tf.reduce_any(lungs, axis=1))[:, 0]
+      cols = tf.where(tf.reduce_any(lungs, axis=0))[:, 0]
+      dy = tf.cast(tf.round(margin * tf.cast(h, tf.float32)), tf.int64)
+      dx = tf.cast(tf.round(margin * tf.cast(w, tf.float32)), tf.int64)
+      top = tf.maximum(tf.reduce_min(rows) - dy, 0)
+      left = tf.maximum(tf.reduce_min(cols) - dx, 0)
+      bottom = tf.minimum(tf.reduce_max(rows) + 1 + dy, tf.cast(h, tf.int64))
+      right = tf.minimum(tf.reduce_max(cols) + 1 + dx, tf.cast(w, tf.int64))
+      top, left = tf.cast(top, tf.int32), tf.cast(left, tf.int32)
+      bh, bw = tf.cast(bottom, tf.int32) - top, tf.cast(right, tf.int32) - left
+      for s in sources:
+        if s != 'masks':
+          m = tf.convert_to_tensor(features[s])
+          m = m[..., None] if m.shape.rank == 2 else m
+          m = tf.image.resize(m, tf.stack(hw), method='nearest')
+          features[s] = tf.image.crop_to_bounding_box(m, top, left, bh, bw)
+      features = _crop(features, top, left, bh, bw)
+    return features
+
+  return op
+
+
+@OPS.register('clahe')
+def clahe(clip_limit: float = 0.01, tiles: int | Sequence[int] = 8, nbins: int = 256) -> Op:
+  """Contrast Limited Adaptive Histogram Equalisation of a uint8 image (each channel).
+
+  scikit-image's `exposure.equalize_adapthist`, whose parameters are Matlab's `adapthisteq`
+  (what paper 003, built in Matlab R2017a, ran; it gives no values): `tiles` x `tiles`
+  contextual regions (kernel_size = image size // tiles), `clip_limit` normalised to [0, 1],
+  `nbins` histogram bins. Defaults = Matlab's defaults (NumTiles [8 8], ClipLimit 0.01, NBins
+  256). The result is rounded back to uint8. Masks and boxes are unchanged.
+  """
+  ty, tx = (tiles, tiles) if isinstance(tiles, int) else tuple(tiles)
+  if not all(isinstance(t, int) and t > 0 for t in (ty, tx)):
+    raise ValueError(f'tiles must be a positive int or (rows, cols), got {tiles!r}')
+  if not isinstance(clip_limit, int | float) or not 0.0 < clip_limit <= 1.0:
+    raise ValueError(f'clip_limit must be in (0, 1], got {clip_limit!r}')
+  if not isinstance(nbins, int) or nbins < 2:
+    raise ValueError(f'nbins must be an int >= 2, got {nbins!r}')
+
+  def equalize(image: Any) -> Any:
+    import numpy as np
+    from skimage import exposure
+    h, w = image.shape[:2]
+    kernel = (max(1, h // ty), max(1, w // tx))
+    out = np.empty_like(image)
+    for c in range(image.shape[-1]):
+      eq = exposure.equalize_adapthist(image[..., c], kernel_size=kernel,
+                                       clip_limit=clip_limit, nbins=nbins)
+      out[..., c] = np.round(eq * 255.0).astype(np.uint8)
+    return out
+
+  def op(features: Features) -> Features:
+    features = dict(features)
+    image = tf.convert_to_tensor(features['image'])
+    if image.dtype != tf.uint8:
+      raise ValueError(f'clahe needs a uint8 image (put it before normalize), got {image.dtype}')
+    out = tf.numpy_function(equalize, [image], tf.uint8, stateful=False)
+    features['image'] = tf.ensure_shape(out, image.shape)
+    return features
+
+  return op
+
+
+@OPS.register('label_from_findings')
+def label_from_findings(classes: Sequence[str] = (), key: str = 'label') -> Op:
+  """A single-label target from multi-hot NIH 'labels' (the stored 14, NIH_CLASSES order):
+  `key` = 1 (abnormal) when any of `classes` (default: all 14) is present, else 0 (normal).
+
+  Gives the synthetic `cxr_phantom` a normal / abnormal task for paper 003's demos (read
+  'labels' through config.data.pp_keys). Without 'labels' (a user's image) it does nothing.
+  """
+  from cxr_jax.data.labels import class_indices
+  idx = class_indices(tuple(classes)) if classes else None
+
+  def op(features: Features) -> Features:
+    if 'labels' not in features:
+      return features  # an unlabelled image (predict, the viewer): nothing to derive
+    features = dict(features)
+    labels = tf.convert_to_tensor(features['labels'])
+    if idx is not None:
+      labels = tf.gather(labels, idx, axis=-1)
+    features[key] = tf.cast(tf.reduce_any(labels > 0, axis=-1), tf.int32)
+    return features
 
   return op

@@ -31,8 +31,16 @@ buffer reaches (set shuffle_buffer >= the split size for a uniform spread).
 Config fields read from `config.data` (ConfigDict or dict), with defaults:
   name (required, e.g. 'cxr_phantom/64'), data_dir=None (TFDS default), train_split='train',
   classes=NIH_CLASSES, drop_no_finding=False, pp_train='', pp_eval='', shuffle_buffer=10_000,
-  cache=False, prefetch=2, extra_copies='', target='labels', inputs=(). (eval_splits is read
-  by the caller, which passes one split here.)
+  cache=False, prefetch=2, extra_copies='', target='labels', inputs=(), pp_keys=(),
+  split_ids=''. (eval_splits is read by the caller, which passes one split here.)
+
+Features for preprocessing only: `config.data.pp_keys` names features the pp ops read that do not
+go into the batch (e.g. ('lung_mask', 'image_id') for paper 003's `lung_roi`).
+
+Splits by image id (k-fold cross-validation, cxr_jax/data/folds.py): `config.data.split_ids`
+names a JSON file {'source_split': TFDS split (e.g. 'train+validation+test'), 'splits': {name:
+[image ids]}}; a split `name` is then the examples of `source_split` whose image_id is listed
+under it, in file order.
 
 What a batch carries: 'image' (float32), the `target` feature the loss and the evaluator read
 ('labels': multi-hot float32 [K] gathered to `classes`; 'label': a class index; 'masks':
@@ -60,7 +68,7 @@ Batch = dict[str, np.ndarray]
 # Data sets that need no download: built on first use instead of failing.
 AUTO_PREPARE_PREFIXES: tuple[str, ...] = ('cxr_phantom',)
 # Features read undecoded and decoded only after filter/shuffle/skip.
-ENCODED_KEYS = ('image', 'masks')
+ENCODED_KEYS = ('image', 'masks', 'lung_mask')
 
 def _get(data_cfg: Any, key: str, default: Any) -> Any:
   """config.data field `key` (ConfigDict or dict); missing or None gives `default`."""
@@ -156,17 +164,34 @@ def _read(
   config.data.classes, each repeated 1 + copies[image_id] times if `copies`, and the element
   count from a pass that decodes no image.
   """
+  ids = load_split_ids(_get(data_cfg, 'split_ids', ''), split)
+  if ids is not None:
+    split, ids = ids
   host_split = _host_split(split)
   features = builder.info.features
   decoders = {k: tfds.decode.SkipDecoding() for k in ENCODED_KEYS if k in features}
   ds = builder.as_dataset(split=host_split, decoders=decoders, shuffle_files=False)
-  idx = tf.constant(class_indices(tuple(_get(data_cfg, 'classes', NIH_CLASSES))), tf.int32)
-  read_keys = tuple(keys) + (('image_id',) if copies and 'image_id' not in keys else ())
+  multi_hot = _get(data_cfg, 'target', 'labels') == 'labels'
+  # Multi-hot labels are gathered to config.data.classes; with another target, 'labels' read
+  # for preprocessing (e.g. `label_from_findings`) keep the stored vocabulary.
+  idx = tf.constant(class_indices(tuple(_get(data_cfg, 'classes', NIH_CLASSES)))
+                    if multi_hot else [], tf.int32)
+  # Features the data set lacks are left to the pp ops to make (e.g. a 'label' target from
+  # 'labels'); `_preprocess_map` names any that none made.
+  keys = tuple(k for k in keys if k in features)
+  read_keys = tuple(keys) + (('image_id',) if (copies or ids) and 'image_id' not in keys
+                             else ())
   # Select early so unused features (masks, boxes) are not carried through the pipeline.
   ds = ds.map(
-    lambda f: {k: tf.gather(f[k], idx) if k == 'labels' else f[k] for k in read_keys},
+    lambda f: {k: tf.gather(f[k], idx) if k == 'labels' and multi_hot else f[k]
+               for k in read_keys},
     num_parallel_calls=tf.data.AUTOTUNE,
   )
+  if ids is not None:
+    wanted = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+      tf.constant(sorted(ids) or [''], tf.string), tf.ones([max(len(ids), 1)], tf.int64)),
+      default_value=np.int64(0))
+    ds = ds.filter(lambda f: wanted.lookup(f['image_id']) > 0)
   drop = bool(_get(data_cfg, 'drop_no_finding', False))
   if drop and 'labels' not in read_keys:
     raise ValueError("config.data.drop_no_finding needs multi-hot 'labels' (config.data.target="
@@ -178,11 +203,31 @@ def _read(
     ds = _repeat_copies(ds, copies, keys, split)
   if _get(data_cfg, 'cache', False):
     ds = ds.cache()  # Caches encoded bytes, which is what a re-read would cost.
-  if drop or copies:
+  if drop or copies or ids is not None:
     n = int(ds.reduce(np.int64(0), lambda c, _: c + 1))
   else:
     n = builder.info.splits[host_split].num_examples
   return ds, n
+
+
+def load_split_ids(path: str, split: str) -> tuple[str, list[str]] | None:
+  """(source TFDS split, image ids) of `split` in a `config.data.split_ids` file; None when
+  `path` is ''. Errors name the file and the split."""
+  if not path:
+    return None
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'config.data.split_ids={path!r}: file not found (the '
+                            '`cross_validate` stage writes one per fold).')
+  try:
+    raw = json.loads(p.read_text())
+    source, splits = str(raw['source_split']), raw['splits']
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f'{path}: expected JSON {{"source_split": ..., "splits": {{name: [image '
+                     f'ids]}}}}: {e!r}') from None
+  if split not in splits:
+    raise ValueError(f'{path}: no split {split!r}; it has {sorted(splits)}.')
+  return source, [str(i) for i in splits[split]]
 
 
 def _repeat_copies(ds: tf.data.Dataset, copies: dict[str, int], keys: tuple[str, ...],
@@ -230,6 +275,10 @@ def _preprocess_map(
     features = _decode(builder, features)
     features[ops.SEED_KEY] = tf.random.experimental.stateless_fold_in(root_seed, index)
     features = preprocess(features)
+    missing = [k for k in out_keys if k not in features]
+    if missing:
+      raise ValueError(f'Features {missing} are neither in the data set nor made by the '
+                       f'preprocessing ops "{pp}" (present: {sorted(features)}).')
     out = {k: features[k] for k in out_keys}
     out['image'] = tf.cast(out['image'], tf.float32)
     if 'labels' in out:
@@ -275,6 +324,11 @@ def batch_keys(data_cfg: Any) -> tuple[str, ...]:
   return tuple(keys)
 
 
+def _with_pp_keys(data_cfg: Any, keys: tuple[str, ...]) -> tuple[str, ...]:
+  """`keys` and the preprocessing-only features of config.data.pp_keys (read, not batched)."""
+  return tuple(keys) + tuple(k for k in _get(data_cfg, 'pp_keys', ()) if k not in keys)
+
+
 def make_train_iter(
   data_cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0
 ) -> TrainInput:
@@ -294,7 +348,7 @@ def make_train_iter(
   extra = _get(data_cfg, 'extra_copies', '')
   copies = load_extra_copies(extra) if extra else None
   keys = batch_keys(data_cfg)
-  base, n = _read(builder, split, data_cfg, keys, copies)
+  base, n = _read(builder, split, data_cfg, _with_pp_keys(data_cfg, keys), copies)
   logging.info('Process %d/%d reads %s of %r for training: %d examples.', jax.process_index(),
                jax.process_count(), _host_split(split), _name(data_cfg), n)
   if n == 0:
@@ -417,7 +471,7 @@ def make_eval_iter(data_cfg: Any, split: str, *, global_batch_size: int) -> Eval
   batch = local_batch_size(global_batch_size)
   builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
   keys = (*batch_keys(data_cfg), 'image_id')
-  ds, n = _read(builder, split, data_cfg, keys)
+  ds, n = _read(builder, split, data_cfg, _with_pp_keys(data_cfg, keys))
   # Seeds only matter if pp_eval has random ops; fixed ones keep evaluation repeatable.
   root = tf.constant([0, jax.process_index()], tf.int64)
   pp = _get(data_cfg, 'pp_eval', '')

@@ -70,7 +70,7 @@ def predict_boxes(predictor: Predictor, images: np.ndarray, *, method: str,
     of (x, y, w, h) boxes in input pixels of the maps upsampled to the input).
   """
   logits, inter = predictor.forward(images)
-  probs = np.asarray(jax.nn.sigmoid(np.asarray(logits, np.float32)))
+  probs = predictor.probabilities(logits)
   maps = class_heatmaps(predictor, inter, method)
   n, h, w = images.shape[:3]
   every = range(maps.shape[-1])

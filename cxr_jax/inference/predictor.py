@@ -154,13 +154,18 @@ class Predictor:
       if n < batch_size and len(images) > batch_size:
         chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
       logits, _ = self.forward(chunk)
-      out.append(np.asarray(jax.nn.sigmoid(np.asarray(logits, np.float32)))[:n])
+      out.append(self.probabilities(logits)[:n])
     return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
   def run(self, x: np.ndarray) -> tuple[np.ndarray, Intermediates]:
     """x [H, W, C] -> (probabilities [K], intermediates of the one image)."""
     logits, inter = self.forward(x[None])
-    return np.asarray(jax.nn.sigmoid(np.asarray(logits, np.float32)))[0], inter
+    return self.probabilities(logits)[0], inter
+
+  def probabilities(self, logits: np.ndarray | jax.Array) -> np.ndarray:
+    """logits [B, K] -> probabilities [B, K] (sigmoid, or softmax for single-label models)."""
+    from cxr_jax.losses import probabilities
+    return np.asarray(probabilities(np.asarray(logits, np.float32), self.info.output))
 
   def findings(self, probs: np.ndarray) -> list[tuple[str, float]]:
     """(class, probability) of the classes above their thresholds, most probable first."""

@@ -105,3 +105,17 @@ def from_torchvision(state_dict: Mapping[str, Any], *, num_classes: int | None =
     entries += vgg.linear_entries('classifier.6', 'classifier_6', 4096, k)
   return vgg.convert_state_dict(state_dict, entries, optional=head if drop_head else (),
                                 arch='alexnet')
+
+
+def head_fn(model: AlexNet, variables: dict):
+  """features (conv5 after its ReLU) [N, h, w, 256] -> logits [N, K]: pool5, adaptive average
+  pool, fc6, fc7, fc8 in eval mode (Grad-CAM)."""
+  from cxr_jax.models.custom_cnn import fc_head
+  params = variables['params']
+
+  def fn(features: jax.Array) -> jax.Array:
+    x = vgg.adaptive_avg_pool2d(vgg.max_pool(features.astype(model.dtype), 3, 2),
+                                model.pool_size)
+    return fc_head(params, vgg.flatten_nhwc(x), model.dtype)
+
+  return fn

@@ -349,3 +349,16 @@ def from_torchvision(state_dict: Mapping[str, Any], *, arch: str | None = None,
     entries += linear_entries('classifier.6', 'classifier_6', 4096, k)
   name = f'{arch}_bn' if batch_norm else arch
   return convert_state_dict(state_dict, entries, optional=head if drop_head else (), arch=name)
+
+
+def head_fn(model: VGG, variables: dict) -> Callable[[jax.Array], jax.Array]:
+  """features (the last convolution after its ReLU) [N, h, w, 512] -> logits [N, K]: the last
+  max-pool, adaptive average pool, fc6, fc7, fc8 in eval mode (Grad-CAM)."""
+  from cxr_jax.models.custom_cnn import fc_head
+  params = variables['params']
+
+  def fn(features: jax.Array) -> jax.Array:
+    x = adaptive_avg_pool2d(max_pool(features.astype(model.dtype), 2, 2), model.pool_size)
+    return fc_head(params, flatten_nhwc(x), model.dtype)
+
+  return fn

@@ -9,6 +9,8 @@ resumes from its own checkpoints.
 - evaluation.py: `evaluate` (metrics, predictions, per-class thresholds), `mine_hard_examples`.
 - localize.py, explain.py: heat maps against the experts' boxes; PDA figures.
 - ood.py: `fit_ood`, the viewer's out-of-distribution gate of each model.
+- cross_validation.py: `cross_validate` (paper 003: k folds, each a run of its own).
+- activations.py: `activations` (paper 003's filter, activation and heat map figures).
 - report.py: the report of everything above, written in one go.
 """
 
@@ -23,11 +25,20 @@ from etils import epath
 
 from cxr_jax import errors, layout, preemption
 from cxr_jax.config_lib import stage_config
-from cxr_jax.stages import evaluation, explain, localize, ood, report, training
+from cxr_jax.stages import (
+  activations,
+  cross_validation,
+  evaluation,
+  explain,
+  localize,
+  ood,
+  report,
+  training,
+)
 from cxr_jax.stages.base import STAGES, StageFn, is_chief
 
-__all__ = ['STAGES', 'StageFn', 'evaluation', 'explain', 'is_chief', 'localize', 'ood', 'report',
-           'run', 'stage_config', 'training']
+__all__ = ['STAGES', 'StageFn', 'activations', 'cross_validation', 'evaluation', 'explain',
+           'is_chief', 'localize', 'ood', 'report', 'run', 'stage_config', 'training']
 
 
 def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:

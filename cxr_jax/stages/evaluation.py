@@ -6,7 +6,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from cxr_jax import hard_examples, inference, layout, metrics, parallel
+from cxr_jax import hard_examples, inference, layout, parallel
 from cxr_jax.evaluators import EVALUATORS, PER_CLASS, Predictions
 from cxr_jax.stages.base import STAGES, is_chief
 from cxr_jax.train_step import make_predict_fn
@@ -18,11 +18,6 @@ SCALAR_THRESHOLD = 0.5
 def _restore_on_mesh(stage_dir: epath.Path, mesh: jax.sharding.Mesh):
   model, variables, info = inference.restore_model(stage_dir)
   return model, jax.device_put(variables, parallel.replicated(mesh)), info
-
-
-def _scalar_summary(m: dict) -> dict:
-  return {'threshold': SCALAR_THRESHOLD, **{k: m[k] for k in (
-      'binary_accuracy', 'f1', 'f1_micro', 'f1_macro', 'f1_samples', 'mean_auroc', 'mae')}}
 
 
 @STAGES.register('evaluate')
@@ -45,7 +40,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> No
   inputs = {}
   for stage, _ in config.report_models:
     model, variables, info = _restore_on_mesh(run.stage_dir(stage), mesh)
-    predict_fn = make_predict_fn(model)
+    predict_fn = make_predict_fn(model, info.output)
     thresholds = config.threshold
     for name in order:
       evaluator = EVALUATORS.get(config.evaluator)(
@@ -55,20 +50,20 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> No
       preds = evaluator.predict(variables)
       inputs[name] = evaluator.input
       if per_class and name == 'validation':
-        thresholds = metrics.choose_thresholds(preds.labels, preds.probs, config.threshold_rule)
+        thresholds = evaluator.choose_thresholds(preds)
         if is_chief():
           run.write_thresholds(stage, {
               'rule': config.threshold_rule, 'split': splits[name],
               'thresholds': dict(zip(info.class_names, map(float, thresholds), strict=True))})
       result = evaluator.metrics(preds, threshold=thresholds)
       if per_class:
-        result['scalar_threshold'] = _scalar_summary(
-            evaluator.metrics(preds, threshold=SCALAR_THRESHOLD))
+        result['scalar_threshold'] = evaluator.scalar_summary(preds, SCALAR_THRESHOLD)
       if is_chief():
         run.write_predictions(stage, name, preds.image_ids, preds.labels, preds.probs)
         run.write_metrics(stage, name, result)
-      logging.info('%s on %s (%s): mean AUROC %s, F1 %.4f on %d images.', stage, name,
-                   splits[name], result['mean_auroc'], result['f1'], result['num_examples'])
+      logging.info('%s on %s (%s): AUROC %s, F1 %s on %d images.', stage, name, splits[name],
+                   result.get('mean_auroc', result.get('auroc')), result['f1'],
+                   result['num_examples'])
 
 
 @STAGES.register('mine_hard_examples')
@@ -81,7 +76,7 @@ def mine_hard_examples_stage(config: ml_collections.ConfigDict, workdir: epath.P
   mesh = parallel.make_mesh()
   model, variables, info = _restore_on_mesh(run.stage_dir(cfg.source_stage), mesh)
   evaluator = EVALUATORS.get(config.evaluator)(
-      make_predict_fn(model), config.data, config.data.train_split,
+      make_predict_fn(model, info.output), config.data, config.data.train_split,
       batch_size=config.eval_batch_size, mesh=mesh, class_names=info.class_names)
   preds: Predictions = evaluator.predict(variables)
   hard = hard_examples.hard_positives(preds.labels, preds.probs, cfg.threshold)

@@ -69,6 +69,10 @@ def report_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
   """Tables in the papers' format, metrics (JSON) and ROC curves of the test split in report/."""
   if not is_chief():
     return
+  if config.evaluator == 'single_label_classification':
+    from cxr_jax.stages import single_label_report
+    single_label_report.write_report(config, workdir)
+    return
   run = layout.Run(workdir)
   results, labels, probs, thresholds = {}, {}, {}, {}
   for stage, label in config.report_models:

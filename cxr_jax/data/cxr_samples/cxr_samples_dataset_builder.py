@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cxr_jax.data import xray_files
+from cxr_jax.data import nlm_tb, xray_files
 from cxr_jax.data.features import classification_features
 from cxr_jax.data.jsrt_scr import jsrt_scr_dataset_builder as jsrt
 from cxr_jax.data.labels import BBOX_LIST_ALIASES, NIH_CLASSES
@@ -36,6 +36,8 @@ NIH_COLUMNS = ('image', 'finding_labels', 'patient_id', 'follow_up', 'patient_ag
                'view_position', 'source_png_width', 'source_png_height', 'official_split')
 BBOX_COLUMNS = ('image', 'finding_label', 'x', 'y', 'w', 'h')
 JSRT_COLUMNS = ('image', 'label', 'scr_fold')
+TB_COLUMNS = ('image', 'label', 'patient_id')
+TB_FOLDERS = {'montgomery_tb': 'montgomery', 'shenzhen_tb': 'shenzhen'}
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Only for the cxr_jax team: manual_dir is one folder of the real samples in ../shared/data
@@ -43,6 +45,8 @@ Only for the cxr_jax team: manual_dir is one folder of the real samples in ../sh
   nih_bbox/   labels.csv, bbox.csv, images/<Image Index>.png
   nih_tiny64/ labels.csv, images/<Image Index>.png
   jsrt_scr/   labels.csv, images/<name>.png, masks/<structure>/<name>.png
+  montgomery_tb/, shenzhen_tb/  labels.csv (image, label normal|tb, patient_id[, mask]
+              [, split]), images/<name>.png[, the `mask` column's union lung masks]
 """
 
 
@@ -132,6 +136,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                   description='148 JSRT images with SCR masks, 512 px; splits fold1/fold2'),
     SamplesConfig(name='jsrt_scr-256', folder='jsrt_scr', image_size=256,
                   description='jsrt_scr resized to 256 px'),
+    SamplesConfig(name='montgomery_tb', folder='montgomery_tb', image_size=512,
+                  description='48 Montgomery TB images (24 TB), no masks, 512 px (squashed), '
+                              'the TB builders\' features; seeded stratified 70/20/10'),
+    SamplesConfig(name='montgomery_tb-256', folder='montgomery_tb', image_size=256,
+                  description='montgomery_tb at 256 px'),
+    SamplesConfig(name='shenzhen_tb', folder='shenzhen_tb', image_size=512,
+                  description='7 normal Shenzhen images with union lung masks, 512 px'),
+    SamplesConfig(name='shenzhen_tb-256', folder='shenzhen_tb', image_size=256,
+                  description='shenzhen_tb at 256 px'),
   ]
   DEFAULT_CONFIG_NAME = 'nih_tiny64'
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
@@ -140,6 +153,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     if cfg.folder == 'jsrt_scr':
       feats, keys = jsrt.features(cfg.image_size), ('image', 'masks')
+    elif cfg.folder in TB_FOLDERS:
+      feats, keys = nlm_tb.features(cfg.image_size), ('image', 'label')
     else:
       feats, keys = _nih_features(cfg.image_size), ('image', 'labels')
     return self.dataset_info_from_configs(
@@ -153,7 +168,60 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     manual_dir = epath.Path(dl_manager.manual_dir)
     if self.builder_config.folder == 'jsrt_scr':
       return self._jsrt_splits(manual_dir)
+    if self.builder_config.folder in TB_FOLDERS:
+      return self._tb_splits(manual_dir)
     return self._nih_splits(manual_dir)
+
+  def _tb_splits(self, manual_dir: epath.Path):
+    """The NLM TB samples in the TB builders' feature spec (montgomery_tb, shenzhen_tb, and
+    tb_combined read the same features), so every TB config runs on them by data.name alone.
+
+    Splits: the folder's `split` column when it has one, else the TB builders' seeded
+    stratified 70/20/10 (nlm_tb.split_stems, seed 0). Unknown sex, age -1, no clinical
+    reading (the samples have none); lung masks from the `mask` column where given.
+    """
+    source = TB_FOLDERS[self.builder_config.folder]
+    rows = _read_csv(manual_dir / 'labels.csv', TB_COLUMNS)
+    bad = [r['image'] for r in rows if r['label'] not in nlm_tb.LABELS]
+    if bad:
+      raise ValueError(f'{manual_dir / "labels.csv"}: label must be one of {nlm_tb.LABELS} '
+                       f'(images {bad[:5]})')
+    masks = {r['image']: r['mask'] for r in rows if r.get('mask')}
+    _check_files(manual_dir, [f'images/{r["image"]}' for r in rows] + list(masks.values()))
+    if rows and 'split' in rows[0]:
+      split = {r['image']: r['split'] for r in rows}
+      unknown = sorted({v for v in split.values() if v not in nlm_tb.SPLITS})
+      if unknown:
+        raise ValueError(f'{manual_dir / "labels.csv"}: split values {unknown}; valid: '
+                         f'{nlm_tb.SPLITS}')
+    else:
+      stems = nlm_tb.split_stems(0, (0.7, 0.2, 0.1), [
+          (source, nlm_tb.LABELS.index(r['label']), r['image']) for r in rows])
+      split = {r['image']: stems[r['image']] for r in rows}
+    size = self.builder_config.image_size
+
+    def example(r: dict[str, str]) -> dict:
+      pixels = xray_files.read_pixels(manual_dir / 'images' / r['image'])
+      lungs = np.zeros((size, size), np.uint8)
+      if r['image'] in masks:
+        mask = xray_files.read_pixels(manual_dir / masks[r['image']]) > 0
+        if mask.shape != pixels.shape:
+          raise ValueError(f'{manual_dir / masks[r["image"]]} is {mask.shape[1]}x'
+                           f'{mask.shape[0]}, its image {pixels.shape[1]}x{pixels.shape[0]}')
+        lungs = xray_files.resize_mask(mask, size)
+      return {
+        'image_id': r['image'], 'patient_id': r['patient_id'], 'source': source,
+        'image': _image(manual_dir / 'images' / r['image'], size),
+        'label': r['label'], 'sex': 'unknown', 'age': nlm_tb.UNKNOWN_AGE,
+        'clinical_reading': '',
+        'original_height': int(r.get('original_height') or pixels.shape[0]),
+        'original_width': int(r.get('original_width') or pixels.shape[1]),
+        'masks': np.zeros((size, size, 3), np.uint8), 'lung_mask': lungs[..., None],
+        'has_side_masks': np.bool_(False), 'has_lung_mask': np.bool_(r['image'] in masks),
+      }
+
+    by_split = {name: [r for r in rows if split[r['image']] == name] for name in nlm_tb.SPLITS}
+    return {k: self._generate_examples(v, example) for k, v in by_split.items() if v}
 
   def _nih_splits(self, manual_dir: epath.Path):
     rows = _read_csv(manual_dir / 'labels.csv', NIH_COLUMNS)
