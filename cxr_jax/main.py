@@ -93,8 +93,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _one_line(message: str) -> str:
-  """ml_collections reports an unloadable config file over several indented lines."""
-  return ' '.join(line.strip() for line in message.splitlines() if line.strip())
+  """ml_collections reports an unloadable config file over several lines, with the config
+  module's traceback inside: keep the lead and the exception's own line."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  if any(line.startswith('Traceback (most recent call last)') or
+         line.endswith('Traceback (most recent call last):') for line in lines):
+    lead = message.split('Traceback (most recent call last)')[0].strip().rstrip(':')
+    return f'{lead}: {lines[-1]}' if lead else lines[-1]
+  return ' '.join(lines)
 
 
 def default_workdir(config_flag_value: str) -> str:
