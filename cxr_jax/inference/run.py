@@ -61,6 +61,8 @@ class ModelInfo:
     num_train_examples: examples in one pass over its training split (None if unknown), e.g.
       PDA's Laplace correction N.
     inputs: the model's inputs besides the image, {name: per-example shape} (e.g. masks).
+    task: 'classification' (outputs: class logits [K]) or 'segmentation' (per-pixel logits
+      [H, W, K]; class_names are then the structures, paper 004's U-Net).
   """
 
   image_shape: tuple[int, int, int]
@@ -73,6 +75,7 @@ class ModelInfo:
   data: str = ''
   num_train_examples: int | None = None
   inputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  task: str = 'classification'
 
   @classmethod
   def from_json(cls, raw: dict[str, Any]) -> 'ModelInfo':
