@@ -408,14 +408,13 @@ def localization_csv(columns: Sequence[Column]) -> str | None:
 
 def roc_png(columns: Sequence[Column], split: str = 'test') -> bytes | None:
   """Per-class ROC curves, one panel per column (paper 004's Fig. 3), from the predictions
-  each run's evaluate stage wrote for `split`; None (with a note on stderr) when a run has
-  none (metrics copied without predictions)."""
+  each run's evaluate stage wrote for `split`; None when a run has none (metrics copied
+  without predictions)."""
   labels, probs, classes = {}, {}, all_classes(columns)
   for col in columns:
     try:
       _, y, p = layout.Run(col.workdir).read_predictions(col.stage, split)
-    except FileNotFoundError as e:
-      print(f'note: no roc.png: {e}', file=sys.stderr)
+    except FileNotFoundError:
       return None
     if list(col.classes) != classes:
       raise ReportError(f'{col.workdir}: classes {col.classes} differ from the first run\'s '
@@ -499,7 +498,9 @@ def main(argv: Sequence[str]) -> int:
       print(f'error: {e.filename or args.out}: cannot write the comparison there '
             f'({e.strerror or e}); expected a writable folder.', file=sys.stderr)
       return 2
-    print(f'wrote {", ".join(str(p) for p in written)}', file=sys.stderr)
+    note = (' (no roc.png: a run has no predictions_<split>.npz)'
+            if files.get('roc.png', b'') is None else '')
+    print(f'wrote {", ".join(str(p) for p in written)}{note}', file=sys.stderr)
   sys.stdout.write(markdown)
   sys.stdout.flush()
   return 0

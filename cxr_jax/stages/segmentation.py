@@ -101,7 +101,7 @@ def _overlay_producer(ex: dict[str, Any], names: tuple[str, ...], stage: str,
     d, _ = S.dice_jaccard(pred[None], truth[None])
     fig = contours.contour_figure(
         ex['image'], pred, names, truth=truth, scores=dict(zip(names, d[0], strict=True)),
-        title=f'{ex["image_id"]} ({stage}): solid = predicted, dashed = truth')
+        title=f'{ex["image_id"]} ({stage})\nsolid: predicted, dashed: ground truth')
     return reporting.png(fig)
   return produce
 
