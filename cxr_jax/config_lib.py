@@ -61,6 +61,14 @@ def base_config() -> ml_collections.ConfigDict:
   # cross-validation; the cross_validate stage sets it per fold): cxr_jax/data/pipeline.py.
   c.data.pp_keys = ()
   c.data.split_ids = ''
+  # Segmentation (paper 004; target 'masks'): the names of the mask channels, which are the
+  # model's outputs (cxr_jax/segmentation_metrics.py); `validation_holdout` > 0 holds that
+  # fraction of the train split out of training as the split 'train_holdout' (for data sets
+  # without a validation split); `mask_cache` = masks the `segment` stage wrote, joined to the
+  # examples by image id ('segment' = this run's segment stage; else a folder).
+  c.data.structures = ('left_lung', 'right_lung', 'heart')
+  c.data.validation_holdout = 0.0
+  c.data.mask_cache = ''
 
   c.model = ml_collections.ConfigDict({'name': 'mobilenet_v1'})
   c.loss = 'sigmoid_bce'
@@ -139,6 +147,12 @@ def base_config() -> ml_collections.ConfigDict:
   # patient, shuffled with `seed`; each fold runs `stages` in its own sub-run of the workdir.
   c.cv = ml_collections.ConfigDict({'folds': 0, 'seed': 0, 'pool': 'train+validation+test',
                                     'stages': ('train_classifier', 'evaluate')})
+  # Paper 004's `segment` stage (cxr_jax/stages/segment.py): the U-Net of `source` ('' = this
+  # run's train_segmenter stage; else 'RUN' or 'RUN:stage' of a segmentation run) segments
+  # every image of `splits` (() = config.data.train_split and eval_splits) of config.data into
+  # a mask cache, `shard_size` images per shard, binarised at `threshold`.
+  c.segment = ml_collections.ConfigDict({'source': '', 'splits': (), 'batch_size': 32,
+                                         'shard_size': 512, 'threshold': 0.5})
 
   c.evaluator = 'multilabel_classification'
   c.best_metric = 'mean_auroc'
@@ -149,6 +163,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.threshold = ml_collections.FieldReference(0.5, field_type=object)
   c.threshold_rule = 'max_f1'
   return c
+
+
+SEGMENTATION_TARGET = 'masks'
+
+
+def is_segmentation(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` trains a segmenter (target 'masks'), not a classifier."""
+  return config.data.get('target', 'labels') == SEGMENTATION_TARGET
+
+
+def output_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """What the model's K outputs are: config.data.structures for a segmenter, else
+  config.data.classes."""
+  if is_segmentation(config):
+    return tuple(config.data.get('structures', ()))
+  return tuple(config.data.classes)
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
@@ -266,6 +296,7 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   elif not config.data.classes or len(set(config.data.classes)) != len(config.data.classes):
     raise ValueError(f'config.data.classes={tuple(config.data.classes)!r}: expected distinct '
                      'class names.')
+  _check_segmentation(config)
   _check('localize.method', _one_of, config.localize.method, ('cam', 'grad_cam'))
   _check('hard_examples.copies', _one_of, config.hard_examples.copies,
          ('per_image', 'per_pair'))
@@ -300,3 +331,24 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   if config.explain.get('laplace_n', 0) < 0:
     raise ValueError(f'config.explain.laplace_n={config.explain.laplace_n!r}: expected >= 0 '
                      '(0 = the training split size).')
+
+
+def _check_segmentation(config: ml_collections.ConfigDict) -> None:
+  """Paper 004's fields: structures, hold-out fraction, the segment stage's settings."""
+  from cxr_jax import segmentation_metrics
+  holdout = config.data.get('validation_holdout', 0.0)
+  if not 0.0 <= holdout < 1.0:
+    raise ValueError(f'config.data.validation_holdout={holdout!r}: expected a fraction in '
+                     '[0, 1).')
+  if is_segmentation(config):
+    _check('data.structures', segmentation_metrics.check_structures,
+           tuple(config.data.get('structures', ())))
+    if config.evaluator != 'segmentation':
+      raise ValueError(f"config.evaluator={config.evaluator!r}: a segmentation config "
+                       "(config.data.target='masks') needs the 'segmentation' evaluator.")
+  if 'segment' in config:
+    seg = config.segment
+    if not 0.0 < seg.threshold < 1.0:
+      raise ValueError(f'config.segment.threshold={seg.threshold!r}: expected a probability in '
+                       '(0, 1).')
+    _positive(config, 'segment.batch_size', 'segment.shard_size')

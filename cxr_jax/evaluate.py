@@ -15,7 +15,7 @@ import numpy as np
 from cxr_jax import metrics as M
 
 # Metric names (last path part) where lower is better: errors. All others are scores.
-_LOWER_IS_BETTER = frozenset({'mae', 'loss'})
+_LOWER_IS_BETTER = frozenset({'mae', 'loss', 'dice_loss'})
 
 
 def _float_or_none(x: float) -> float | None:
@@ -99,7 +99,14 @@ def compute_metrics(
 SCALAR_METRICS = ('binary_accuracy', 'f1', 'f1_micro', 'f1_macro', 'f1_samples', 'loss', 'mae',
                   'mean_auroc')
 PER_CLASS_METRICS = ('precision', 'recall', 'f1', 'auroc')
-_NAME_PATTERNS = ('auroc/<class>', 'per_class/<class>/{precision,recall,f1,auroc}')
+# What the 'segmentation' evaluator reports (cxr_jax/segmentation_metrics.py): the validation
+# soft Dice loss (paper 004 keeps "the model with the smallest loss"), mean Dice and Jaccard over
+# the mask channels, and per structure 'dice/<structure>', 'jaccard/<structure>'.
+SEGMENTATION_METRICS = ('dice_loss', 'mean_dice', 'mean_jaccard')
+_PER_KEY = ('auroc', 'dice', 'jaccard')
+_NAME_PATTERNS = ('auroc/<class>', 'per_class/<class>/{precision,recall,f1,auroc}',
+                  'segmentation: ' + ', '.join(SEGMENTATION_METRICS),
+                  '{dice,jaccard}/<structure>')
 
 
 def metric_names(metrics: Mapping[str, Any]) -> list[str]:
@@ -117,9 +124,9 @@ def _well_formed(name: str, scalars: Sequence[str] = SCALAR_METRICS) -> bool:
   evaluator's top-level names (`SCALAR_METRICS` for multi-label, cxr_jax/single_label.py's)."""
   parts = name.split('/')
   if len(parts) == 1:
-    return name in scalars
+    return name in scalars or name in SEGMENTATION_METRICS
   if len(parts) == 2:
-    return parts[0] == 'auroc' and bool(parts[1])
+    return parts[0] in _PER_KEY and bool(parts[1])
   return (len(parts) == 3 and parts[0] == 'per_class' and bool(parts[1])
           and parts[2] in PER_CLASS_METRICS)
 

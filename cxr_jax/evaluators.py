@@ -162,3 +162,100 @@ class SingleLabelEvaluator(ClassificationEvaluator):
                    if isinstance(self.threshold, str) else self.threshold)
     return single_label.compute_metrics(preds.labels, preds.probs, self.class_names,
                                         threshold=threshold)
+# ------------------------------------------------------------------------------ segmentation
+@dataclasses.dataclass
+class SegmentationPredictions:
+  """Per-image scores of one segmentation pass (padding removed; cxr_jax/segmentation_metrics).
+
+  Attributes:
+    image_ids: N ids.
+    dice, jaccard: [N, K'] binary scores over `segmentation_metrics.scored_structures`.
+    dice_loss: [N] soft Dice loss of the probabilities (over the K channels).
+    examples: the first few images, for overlays: {'image_id', 'image' [H, W] (the model
+      input's first channel), 'probs' [H, W, K], 'truth' [H, W, K] in [0, 1]}.
+  """
+
+  image_ids: list[str]
+  dice: np.ndarray
+  jaccard: np.ndarray
+  dice_loss: np.ndarray
+  examples: list[dict[str, Any]]
+
+
+@EVALUATORS.register('segmentation')
+class SegmentationEvaluator:
+  """Dice and Jaccard per structure (and both lungs, and paper 004's global mask M_g) with their
+  mean and standard deviation over the images of one split, and the soft Dice loss that picks
+  the best checkpoint. The model's outputs are per-pixel logits [B, H, W, K]; the data's target
+  is 'masks' [B, H, W, K] (config.data.target); K names: `class_names` (config.data
+  .structures). Masks are binarised at `threshold` (a probability; 'per_class' means 0.5).
+  Scores are computed on the host batch by batch, so no split's masks are held in memory.
+  """
+
+  def __init__(self, predict_fn: PredictFn, data_cfg: ml_collections.ConfigDict, split: str, *,
+               batch_size: int, mesh: jax.sharding.Mesh, class_names: tuple[str, ...],
+               threshold: float | str = 0.5, threshold_rule: str = 'max_f1',
+               eval_input: Any = None, num_examples: int = 0):
+    del threshold_rule  # classification only
+    target = data_cfg.get('target', 'labels')
+    if target != 'masks':
+      raise ValueError(f"config.evaluator='segmentation' needs config.data.target='masks', got "
+                       f'{target!r}.')
+    self.predict_fn = jax.jit(predict_fn, out_shardings=parallel.batch_sharded(mesh))
+    self.data_cfg, self.split, self.batch_size = data_cfg, split, batch_size
+    self.mesh, self.class_names = mesh, tuple(class_names)
+    self.threshold = 0.5 if isinstance(threshold, str) else float(threshold)
+    self.num_examples = num_examples
+    self._input = eval_input
+
+  @property
+  def input(self):
+    """The split's `pipeline.EvalInput`, built on first use and kept."""
+    if self._input is None:
+      from cxr_jax.data import pipeline
+      self._input = pipeline.make_eval_iter(self.data_cfg, self.split,
+                                            global_batch_size=self.batch_size)
+    return self._input
+
+  def predict(self, variables: Any) -> SegmentationPredictions:
+    from cxr_jax import segmentation_metrics as S
+    ids, dice, jaccard, loss, examples = [], [], [], [], []
+    names = self.class_names
+    for batch in self.input:
+      local = {'image': batch['image'], 'masks': batch['masks'], 'mask': batch['mask'],
+               'ids': parallel.encode_strings(batch['image_id'])}
+      glob = parallel.to_global(local, self.mesh)
+      probs = self.predict_fn(variables, glob['image'])
+      wanted = {'probs': probs, 'masks': glob['masks'], 'mask': glob['mask'], 'ids': glob['ids']}
+      if len(examples) < self.num_examples:
+        wanted['image'] = glob['image']
+      out = parallel.to_host(wanted)
+      keep = out['mask'] > 0
+      probs, truth = out['probs'][keep], out['masks'][keep]
+      if probs.shape != truth.shape:
+        raise ValueError(
+            f'{self.data_cfg.get("name")!r} split {self.split!r}: masks of shape '
+            f'{truth.shape[1:]} but the model predicts {probs.shape[1:]} (one channel per '
+            f'structure of config.data.structures = {list(names)}).')
+      d, j = S.dice_jaccard(S.with_unions(probs >= self.threshold, names),
+                            S.with_unions(truth >= 0.5, names))
+      batch_ids = parallel.decode_strings(out['ids'][keep])
+      for i in range(min(len(batch_ids), self.num_examples - len(examples))):
+        examples.append({'image_id': batch_ids[i], 'image': out['image'][keep][i][..., 0],
+                         'probs': probs[i], 'truth': truth[i]})
+      ids += batch_ids
+      dice.append(d)
+      jaccard.append(j)
+      loss.append(S.soft_dice_loss(probs, truth))
+    return SegmentationPredictions(ids, np.concatenate(dice), np.concatenate(jaccard),
+                                   np.concatenate(loss), examples)
+
+  def metrics(self, preds: SegmentationPredictions, threshold: Any = None) -> dict[str, Any]:
+    from cxr_jax import segmentation_metrics as S
+    del threshold  # binarised in `predict`
+    return S.summarize(preds.dice, preds.jaccard, preds.dice_loss, self.class_names,
+                       self.threshold)
+
+  def run(self, variables: Any) -> tuple[dict[str, Any], SegmentationPredictions]:
+    preds = self.predict(variables)
+    return self.metrics(preds), preds

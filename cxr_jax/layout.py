@@ -30,6 +30,10 @@ its readers and writers. A run of `python -m cxr_jax.main` looks like this:
     report/                       report.md, metrics.json, roc.png, ... (the report stage)
     predictions/                  default output of `python -m cxr_jax.predict`
     error.log                     tracebacks of failed runs (the terminal shows one line)
+    segment/                      paper 004: the mask cache of the `segment` stage (masks.json +
+                                  TFDS shards; cxr_jax/data/mask_cache.py)
+    evaluate/<stage>/segmentation_<split>.json, .csv   Dice/Jaccard of a segmentation stage
+    evaluate/<stage>/segmentation_overlays/*.png       contours of prediction and truth
     <stage>/DONE.json             written last, when a stage finished
 
 Imported weights (`python -m cxr_jax.tools.import_weights`) are a folder of their own:
@@ -54,7 +58,8 @@ from cxr_jax.io_utils import (
 )
 
 # Training stages, later ones first: the default model of a run is its most refined one.
-TRAIN_STAGES = ('train_attention', 'train_hard_examples', 'train_classifier', 'train')
+TRAIN_STAGES = ('train_attention', 'train_hard_examples', 'train_classifier', 'train',
+                'train_segmenter')
 
 IMPORT_META = 'import.json'
 IMPORT_VARIABLES = 'variables'
@@ -88,9 +93,18 @@ REPORT_FILES = {'markdown': 'report.md', 'metrics': 'metrics.json', 'roc': 'roc.
                 'confusion': 'confusion.png', 'localization_json': 'localization.json',
                 'localization_csv': 'localization.csv', 'heatmaps': 'heatmaps',
                 'localization_overlays': 'localization', 'thresholds': 'thresholds.csv',
-                'cv_folds': 'folds.csv', 'activations': 'activations'}
+                'cv_folds': 'folds.csv', 'activations': 'activations',
+                'segmentation_overlays': 'segmentation'}
 _PREDICTIONS = 'predictions'
 _ERROR_LOG = 'error.log'
+# Paper 004's segmentation: the `segment` stage's mask cache (cxr_jax/data/mask_cache.py owns
+# the format) and the `evaluate_segmentation` stage's results.
+_SEGMENT = 'segment'
+MASK_CACHE_META = 'masks.json'
+MASK_CACHE_PREFIX = 'cxr_jax_masks'
+_SEGMENTATION = 'segmentation_{split}.json'
+_SEGMENTATION_RECORDS = 'segmentation_{split}.csv'
+_SEGMENTATION_OVERLAYS = 'segmentation_overlays'
 
 
 class LayoutError(FileNotFoundError):
@@ -360,6 +374,26 @@ class Run:
       raise LayoutError(f'{self.cv_summary_file}: not found; the cross_validate stage of '
                         f'{self.root} writes it.')
     return read_json(self.cv_summary_file, 'the cross-validation summary')
+  # ---------------------------------------------------------------------------- paper 004
+  @property
+  def mask_cache_dir(self) -> epath.Path:
+    """segment/: the mask cache the `segment` stage writes (cxr_jax/data/mask_cache.py)."""
+    return self.root / _SEGMENT
+
+  def segmentation_file(self, stage: str, split: str) -> epath.Path:
+    return self.eval_dir(stage) / _SEGMENTATION.format(split=split)
+
+  def segmentation_records_file(self, stage: str, split: str) -> epath.Path:
+    return self.eval_dir(stage) / _SEGMENTATION_RECORDS.format(split=split)
+
+  def segmentation_overlays_dir(self, stage: str) -> epath.Path:
+    return self.eval_dir(stage) / _SEGMENTATION_OVERLAYS
+
+  def read_segmentation(self, stage: str, split: str) -> dict[str, Any] | None:
+    """The segmentation metrics of `stage` on `split`, or None when they were not computed."""
+    path = self.segmentation_file(stage, split)
+    return read_json(path, f'the {split!r} segmentation metrics of stage {stage!r}') \
+        if path.exists() else None
 
   # ---------------------------------------------------------------------------- outputs
   @property

@@ -3,7 +3,7 @@ r"""Compare finished runs side by side: paper 001's Table 1 (per-class AUROC) ac
   python -m cxr_jax.report \
       --workdirs=workdir/bsl,workdir/bsl_fam,workdir/bsl_fam_sam,workdir/ma \
       [--labels=BSL,BSL+FAM,BSL+FAM+SAM,MA] [--split=test] [--out=reports/multi_attention] \
-      [--all-models]
+      [--all-models] [--reference=paper004]
 
 Each workdir is a run of `python -m cxr_jax.main` whose `evaluate` stage has finished: the
 metrics of a model are those its evaluate stage wrote for the split (file layout:
@@ -26,7 +26,13 @@ Printed to stdout (Markdown):
 - Localisation tables (`cxr_jax.reporting.localization_markdown`) for the columns whose
   localize stage ran.
 
+--reference=paper004 appends paper 004's published Table 2 (AUROC of DCNN, CheXNet, Ours w/o
+F_l, Ours) beside our columns and its Table 3 (mean CAM IoU of FE, FE w/o MA; the means of its
+rows and those of its text) beside our localisation results.
+
 With --out=DIR, also written (all or nothing, after everything has been computed):
+- DIR/roc.png: per-class ROC curves of every column on the split (paper 004's Fig. 3), from the
+  predictions the evaluate stages wrote;
 - DIR/comparison.md: the Markdown above;
 - DIR/comparison.csv: long format, header run,class,metric,value: one 'auroc' row per (run,
   class) and one row per summary metric (class empty; metrics of evaluate.SCALAR_METRICS and
@@ -172,6 +178,11 @@ def load_run(workdir: str | os.PathLike[str], split: str = 'test',
     raise ReportError(f'{config_path}: not found; expected the config that '
                       f'python -m cxr_jax.main writes into its workdir.')
   config = _read_json(config_path, 'the run config (JSON object)')
+  if isinstance(config, dict) and not config.get('report_models') and isinstance(
+      config.get('data'), dict) and config['data'].get('target') == 'masks':
+    raise ReportError(f'{root}: a segmentation run (U-Net, config.data.target=\'masks\'), not a '
+                      f'classifier; its Dice and Jaccard are in {run.report_dir}/metrics.json. '
+                      'Compare classifier runs here.')
   entries = _report_models(config, config_path)
   if not all_models:
     entries = entries[-1:]  # the method's own model; earlier entries are its baselines
@@ -397,8 +408,26 @@ def localization_csv(columns: Sequence[Column]) -> str | None:
   return reporting.localization_csv(located)
 
 
-def write_outputs(out_dir: str | os.PathLike[str], files: Mapping[str, str | None]) -> list[Path]:
-  """Writes {name: text} into out_dir all or nothing; a None text removes a stale file.
+def roc_png(columns: Sequence[Column], split: str = 'test') -> bytes | None:
+  """Per-class ROC curves, one panel per column (paper 004's Fig. 3), from the predictions
+  each run's evaluate stage wrote for `split`; None when a run has none (metrics copied
+  without predictions)."""
+  labels, probs, classes = {}, {}, all_classes(columns)
+  for col in columns:
+    try:
+      _, y, p = layout.Run(col.workdir).read_predictions(col.stage, split)
+    except FileNotFoundError:
+      return None
+    if list(col.classes) != classes:
+      raise ReportError(f'{col.workdir}: classes {col.classes} differ from the first run\'s '
+                        f'{classes}; ROC curves need the same classes in every run.')
+    labels[col.label], probs[col.label] = y, p
+  return reporting.png(reporting.plot_roc(labels, probs, classes))
+
+
+def write_outputs(out_dir: str | os.PathLike[str], files: Mapping[str, str | bytes | None]
+                  ) -> list[Path]:
+  """Writes {name: text or bytes} into out_dir all or nothing; None removes a stale file.
 
   Every file is staged first and renamed into place only when all are written
   (cxr_jax/io_utils.py), so a failure leaves the previous comparison untouched.
@@ -429,6 +458,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help='folder to write comparison.md, comparison.csv, localization.csv')
   parser.add_argument('--all-models', '--all_models', dest='all_models', action='store_true',
                       help="one column per report_models entry, not only each run's last")
+  parser.add_argument('--reference', default='', choices=('', 'paper004'),
+                      help="append a paper's published tables beside ours (paper004: Fang et "
+                      'al. Table 2 and Table 3)')
   return parser.parse_args(list(argv))
 
 
@@ -451,8 +483,13 @@ def main(argv: Sequence[str]) -> int:
     columns = load_columns(workdirs, args.split, args.all_models, labels)
     # Everything is computed before anything is written: a failure writes nothing.
     markdown = comparison_table(columns, args.split)
+    if args.reference == 'paper004':
+      markdown += '\n' + reporting.paper004_reference_markdown(
+          {col.label: col.metrics for col in columns}, _localization_results(columns))
     files = {'comparison.md': markdown, 'comparison.csv': comparison_csv(columns),
              'localization.csv': localization_csv(columns)}
+    if args.out:
+      files['roc.png'] = roc_png(columns, args.split)
   except ReportError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -467,7 +504,9 @@ def main(argv: Sequence[str]) -> int:
             + ('the previous files in --out are untouched.' if runtime
                else 'expected a writable folder.'), file=sys.stderr)
       return 1 if runtime else 2
-    print(f'wrote {", ".join(str(p) for p in written)}', file=sys.stderr)
+    note = (' (no roc.png: a run has no predictions_<split>.npz)'
+            if files.get('roc.png', b'') is None else '')
+    print(f'wrote {", ".join(str(p) for p in written)}{note}', file=sys.stderr)
   sys.stdout.write(markdown)
   sys.stdout.flush()
   return 0

@@ -20,7 +20,17 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from cxr_jax import checkpoints, errors, evaluate, layout, losses, optim, parallel, preemption
+from cxr_jax import (
+  checkpoints,
+  config_lib,
+  errors,
+  evaluate,
+  layout,
+  losses,
+  optim,
+  parallel,
+  preemption,
+)
 from cxr_jax.data import pipeline
 from cxr_jax.evaluators import EVALUATORS
 from cxr_jax.inference import run as run_lib
@@ -71,7 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
         'you downloaded with `python -m cxr_jax.tools.import_weights --source=torchvision '
         f'--arch=... --input=FILE --output={weights}` (WORKSPACE.md), or train from scratch '
         "with --config.init_from.checkpoint=''.")
-  class_names = tuple(config.data.classes)
+  class_names = config_lib.output_names(config)  # classes, or a segmenter's structures
   model = build_model(config.model, num_classes=len(class_names), dtype=config.dtype,
                       bn_axis_name=parallel.DATA_AXIS)
   output = losses.output_activation(config.loss)
@@ -104,6 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
     first_batch = next(train_input)
     train_iter = itertools.chain([first_batch], train_input)
     image_shape = tuple(int(d) for d in first_batch['image'].shape[1:])
+    if config_lib.is_segmentation(config):
+      _check_masks(first_batch['masks'].shape[1:], image_shape, class_names, config.data.name)
     extra_shapes = {k: tuple(first_batch[k].shape[1:]) for k in config.data.get('inputs', ())}
     state = create_train_state(model, tx, image_shape, init_key, mesh, extra_shapes)
     if jax.process_index() == 0:
@@ -114,7 +126,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
           dtype=config.dtype, threshold=config.threshold,
           threshold_rule=config.get('threshold_rule', 'max_f1'), pp_eval=config.data.pp_eval,
           data=config.data.name, num_train_examples=train_input.num_examples_global,
-          inputs=extra_shapes, output=output)
+          inputs=extra_shapes, output=output,
+          task='segmentation' if config_lib.is_segmentation(config) else 'classification')
       stage.write_model_info({**info.to_json(), 'optimizer': config.optimizer.to_dict()})
     if latest is not None:
       state, meta = ckpt.restore_latest(state)
@@ -186,10 +199,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
         is_best = value.is_better(meta['best_value'])
         if is_best:
           meta.update(best_value=value.value, best_step=step)
-        auroc = metrics.get('mean_auroc', metrics.get('auroc'))
-        logging.info('step %d validation %s=%.4f auroc=%s (best %.4f at step %d)', step,
-                     config.best_metric, value.value,
-                     'n/a' if auroc is None else f'{auroc:.4f}', meta['best_value'],
+        # The headline score of the task: multi-label, single-label, segmentation.
+        shown = next((k for k in ('mean_auroc', 'auroc', 'mean_dice') if k in metrics),
+                     'mean_auroc')
+        score = metrics.get(shown)
+        logging.info('step %d validation %s=%.4f %s=%s (best %.4f at step %d)', step,
+                     config.best_metric, value.value, shown,
+                     'n/a' if score is None else f'{score:.4f}', meta['best_value'],
                      meta['best_step'])
         plateau_cfg = config.optimizer.plateau
         if plateau_cfg.enabled:
@@ -245,6 +261,15 @@ def _check_finite(state: TrainState, step: int, policy: str, ckpt: checkpoints.C
   raise errors.NonFiniteError(
       f'non-finite loss or gradient at step {first}: training stopped; {kept}. Lower the '
       'learning rate, check the data, or set config.nan_policy=skip to skip such steps.')
+def _check_masks(mask_shape: tuple[int, ...], image_shape: tuple[int, ...],
+                 structures: tuple[str, ...], data: str) -> None:
+  """A segmenter's target masks [H, W, K] must match the images and config.data.structures."""
+  want = (*image_shape[:2], len(structures))
+  if tuple(mask_shape) != want:
+    raise ValueError(
+        f'{data!r}: training masks of shape {tuple(mask_shape)} after preprocessing, expected '
+        f'{want}: the image size {tuple(image_shape[:2])} and one channel per structure of '
+        f'config.data.structures = {list(structures)}.')
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

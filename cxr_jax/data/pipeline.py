@@ -32,7 +32,8 @@ Config fields read from `config.data` (ConfigDict or dict), with defaults:
   name (required, e.g. 'cxr_phantom/64'), data_dir=None (TFDS default), train_split='train',
   classes=NIH_CLASSES, drop_no_finding=False, pp_train='', pp_eval='', shuffle_buffer=10_000,
   cache=False, prefetch=2, extra_copies='', target='labels', inputs=(), pp_keys=(),
-  split_ids=''. (eval_splits is read by the caller, which passes one split here.)
+  split_ids='', validation_holdout=0.0, mask_cache=''. (eval_splits is read by the caller, which
+  passes one split here.)
 
 Features for preprocessing only: `config.data.pp_keys` names features the pp ops read that do not
 go into the batch (e.g. ('lung_mask', 'image_id') for paper 003's `lung_roi`).
@@ -42,10 +43,22 @@ names a JSON file {'source_split': TFDS split (e.g. 'train+validation+test'), 's
 [image ids]}}; a split `name` is then the examples of `source_split` whose image_id is listed
 under it, in file order.
 
+Held-out validation (`validation_holdout` = f > 0, for data sets without a validation split,
+e.g. JSRT's two SCR folds): a fraction f of the train split's images, chosen by a fingerprint of
+their image id (so any split of any data set works, the same images every run), is left out of
+training and read as the split named HOLDOUT_SPLIT ('train_holdout'), e.g.
+`eval_splits.validation = 'train_holdout'`.
+
+Cached masks (`mask_cache` = a folder the `segment` stage wrote, cxr_jax/data/mask_cache.py):
+'masks' comes from there, joined by image id, instead of from the data set (which may have
+none, like NIH, Montgomery); an image without cached masks stops the pipeline with a message
+naming it. Paper 003's `lung_roi(sources=('lung_mask', 'masks'))` takes U-Net lungs from there
+where the data set has no mask (name 'masks' in config.data.pp_keys).
+
 What a batch carries: 'image' (float32), the `target` feature the loss and the evaluator read
 ('labels': multi-hot float32 [K] gathered to `classes`; 'label': a class index; 'masks':
-segmentation masks moved with the image by every geometric op), and the features named in
-`inputs` that the model takes besides the image (e.g. cached lung masks).
+segmentation masks moved with the image by every geometric op, float32 in [0, 1]), and the
+features named in `inputs` that the model takes besides the image (e.g. cached lung masks).
 """
 
 import json
@@ -60,7 +73,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from cxr_jax.data import builder_names, ops, tf_devices
+from cxr_jax.data import builder_names, mask_cache, ops, tf_devices
 from cxr_jax.data.labels import NIH_CLASSES, class_indices
 
 Batch = dict[str, np.ndarray]
@@ -69,6 +82,9 @@ Batch = dict[str, np.ndarray]
 AUTO_PREPARE_PREFIXES: tuple[str, ...] = ('cxr_phantom',)
 # Features read undecoded and decoded only after filter/shuffle/skip.
 ENCODED_KEYS = ('image', 'masks', 'lung_mask')
+# The split name of the held-out part of the train split (config.data.validation_holdout).
+HOLDOUT_SPLIT = 'train_holdout'
+_HOLDOUT_BUCKETS = 10_000
 
 def _get(data_cfg: Any, key: str, default: Any) -> Any:
   """config.data field `key` (ConfigDict or dict); missing or None gives `default`."""
@@ -156,17 +172,20 @@ def load_extra_copies(path: str) -> dict[str, int]:
 
 def _read(
   builder: tfds.core.DatasetBuilder, split: str, data_cfg: Any, keys: tuple[str, ...],
-  copies: dict[str, int] | None = None,
+  copies: dict[str, int] | None = None, masks: mask_cache.MaskCache | None = None,
 ) -> tuple[tf.data.Dataset, int]:
   """This host's filtered examples (images still encoded) and how many there are.
 
   Returns elements {key: tensor for key in keys} with 'labels' float32 [K] gathered to
-  config.data.classes, each repeated 1 + copies[image_id] times if `copies`, and the element
-  count from a pass that decodes no image.
+  config.data.classes, each repeated 1 + copies[image_id] times if `copies`, 'masks' (PNG
+  bytes) from the cache `masks` if given, and the element count from a pass that decodes no
+  image. `split` HOLDOUT_SPLIT reads the held-out part of the train split, and the train split
+  itself is read without it (config.data.validation_holdout).
   """
   ids = load_split_ids(_get(data_cfg, 'split_ids', ''), split)
   if ids is not None:
     split, ids = ids
+  split, holdout = _holdout(data_cfg, split)
   host_split = _host_split(split)
   features = builder.info.features
   decoders = {k: tfds.decode.SkipDecoding() for k in ENCODED_KEYS if k in features}
@@ -176,15 +195,19 @@ def _read(
   # for preprocessing (e.g. `label_from_findings`) keep the stored vocabulary.
   idx = tf.constant(class_indices(tuple(_get(data_cfg, 'classes', NIH_CLASSES)))
                     if multi_hot else [], tf.int32)
+  if 'masks' in keys and 'masks' not in features and masks is None:
+    raise ValueError(f"{_name(data_cfg)!r} has no feature 'masks' (set config.data.mask_cache "
+                     f'to masks the segment stage wrote); it has {sorted(features)}.')
   # Features the data set lacks are left to the pp ops to make (e.g. a 'label' target from
   # 'labels'); `_preprocess_map` names any that none made.
-  keys = tuple(k for k in keys if k in features)
-  read_keys = tuple(keys) + (('image_id',) if (copies or ids) and 'image_id' not in keys
-                             else ())
+  keys = tuple(k for k in keys if k in features or (k == 'masks' and masks is not None))
+  need_id = bool(copies) or ids is not None or masks is not None or holdout is not None
+  read_keys = tuple(keys) + (('image_id',) if need_id and 'image_id' not in keys else ())
+  from_builder = tuple(k for k in read_keys if not (masks is not None and k == 'masks'))
   # Select early so unused features (masks, boxes) are not carried through the pipeline.
   ds = ds.map(
     lambda f: {k: tf.gather(f[k], idx) if k == 'labels' and multi_hot else f[k]
-               for k in read_keys},
+               for k in from_builder},
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   if ids is not None:
@@ -192,6 +215,13 @@ def _read(
       tf.constant(sorted(ids) or [''], tf.string), tf.ones([max(len(ids), 1)], tf.int64)),
       default_value=np.int64(0))
     ds = ds.filter(lambda f: wanted.lookup(f['image_id']) > 0)
+  if holdout is not None:
+    fraction, keep_held_out = holdout
+    cut = round(fraction * _HOLDOUT_BUCKETS)
+    ds = ds.filter(lambda f: tf.equal(
+      tf.strings.to_hash_bucket_fast(f['image_id'], _HOLDOUT_BUCKETS) < cut, keep_held_out))
+  if masks is not None:
+    ds = masks.attach(ds, split, _name(data_cfg))
   drop = bool(_get(data_cfg, 'drop_no_finding', False))
   if drop and 'labels' not in read_keys:
     raise ValueError("config.data.drop_no_finding needs multi-hot 'labels' (config.data.target="
@@ -203,7 +233,7 @@ def _read(
     ds = _repeat_copies(ds, copies, keys, split)
   if _get(data_cfg, 'cache', False):
     ds = ds.cache()  # Caches encoded bytes, which is what a re-read would cost.
-  if drop or copies or ids is not None:
+  if drop or copies or ids is not None or holdout is not None:
     n = int(ds.reduce(np.int64(0), lambda c, _: c + 1))
   else:
     n = builder.info.splits[host_split].num_examples
@@ -228,6 +258,33 @@ def load_split_ids(path: str, split: str) -> tuple[str, list[str]] | None:
   if split not in splits:
     raise ValueError(f'{path}: no split {split!r}; it has {sorted(splits)}.')
   return source, [str(i) for i in splits[split]]
+def _holdout(data_cfg: Any, split: str) -> tuple[str, tuple[float, bool] | None]:
+  """(split to read, (fraction, keep the held-out part?) or None) for config.data
+  .validation_holdout; see the module doc."""
+  fraction = float(_get(data_cfg, 'validation_holdout', 0.0))
+  train_split = _get(data_cfg, 'train_split', 'train')
+  if split == HOLDOUT_SPLIT:
+    if not 0.0 < fraction < 1.0:
+      raise ValueError(f'split {HOLDOUT_SPLIT!r} is the held-out part of the train split: set '
+                       'config.data.validation_holdout to a fraction in (0, 1), got '
+                       f'{fraction!r}.')
+    return train_split, (fraction, True)
+  if fraction > 0.0 and split == train_split:
+    return split, (fraction, False)
+  return split, None
+
+
+def open_mask_cache(data_cfg: Any, keys: tuple[str, ...],
+                    builder: tfds.core.DatasetBuilder) -> mask_cache.MaskCache | None:
+  """The cache of config.data.mask_cache when a batch carries 'masks', checked against the
+  data set's stored images and config.data.structures; None otherwise."""
+  path = _get(data_cfg, 'mask_cache', '')
+  if not path or 'masks' not in keys:
+    return None
+  cache = mask_cache.MaskCache(path, what='config.data.mask_cache')
+  structures = _get(data_cfg, 'structures', None)
+  cache.check_fits(builder.info.features['image'].shape, structures, _name(data_cfg))
+  return cache
 
 
 def _repeat_copies(ds: tf.data.Dataset, copies: dict[str, int], keys: tuple[str, ...],
@@ -249,13 +306,18 @@ def _repeat_copies(ds: tf.data.Dataset, copies: dict[str, int], keys: tuple[str,
 
 
 def _decode(
-  builder: tfds.core.DatasetBuilder, features: dict[str, tf.Tensor]
+  builder: tfds.core.DatasetBuilder, features: dict[str, tf.Tensor],
+  masks: mask_cache.MaskCache | None = None,
 ) -> dict[str, tf.Tensor]:
-  """Decodes the still-encoded features with their TFDS decoders (static shapes)."""
+  """Decodes the still-encoded features with their TFDS decoders (static shapes); cached
+  masks with the cache's."""
   features = dict(features)
   for k in ENCODED_KEYS:
     if k in features:
-      features[k] = builder.info.features[k].decode_example(features[k])
+      if k == 'masks' and masks is not None:
+        features[k] = masks.decode(features[k])
+      else:
+        features[k] = builder.info.features[k].decode_example(features[k])
   return features
 
 
@@ -266,13 +328,15 @@ def _options() -> tf.data.Options:
 
 
 def _preprocess_map(
-  builder: tfds.core.DatasetBuilder, pp: str, out_keys: tuple[str, ...], root_seed: tf.Tensor
+  builder: tfds.core.DatasetBuilder, pp: str, out_keys: tuple[str, ...], root_seed: tf.Tensor,
+  masks: mask_cache.MaskCache | None = None,
 ) -> Callable[[tf.Tensor, dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
-  """(global index, features) -> decoded, preprocessed {out_keys} with a float32 image."""
+  """(global index, features) -> decoded, preprocessed {out_keys} with a float32 image (and
+  float32 masks in [0, 1])."""
   preprocess = ops.get_preprocess_fn(pp)
 
   def fn(index: tf.Tensor, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    features = _decode(builder, features)
+    features = _decode(builder, features, masks)
     features[ops.SEED_KEY] = tf.random.experimental.stateless_fold_in(root_seed, index)
     features = preprocess(features)
     missing = [k for k in out_keys if k not in features]
@@ -285,6 +349,8 @@ def _preprocess_map(
       out['labels'] = tf.cast(out['labels'], tf.float32)
     if 'label' in out:
       out['label'] = tf.cast(out['label'], tf.int32)
+    if 'masks' in out and out['masks'].dtype.is_integer:
+      out['masks'] = tf.cast(out['masks'], tf.float32) / 255.0  # stored 0/255
     return out
 
   return fn
@@ -348,7 +414,9 @@ def make_train_iter(
   extra = _get(data_cfg, 'extra_copies', '')
   copies = load_extra_copies(extra) if extra else None
   keys = batch_keys(data_cfg)
-  base, n = _read(builder, split, data_cfg, _with_pp_keys(data_cfg, keys), copies)
+  keys_read = _with_pp_keys(data_cfg, keys)
+  masks = open_mask_cache(data_cfg, keys_read, builder)
+  base, n = _read(builder, split, data_cfg, keys_read, copies, masks)
   logging.info('Process %d/%d reads %s of %r for training: %d examples.', jax.process_index(),
                jax.process_count(), _host_split(split), _name(data_cfg), n)
   if n == 0:
@@ -380,7 +448,7 @@ def make_train_iter(
   ds = ds.enumerate(start=first_epoch * n).skip(offset)  # Skip before decoding: cheap.
   pp = _get(data_cfg, 'pp_train', '')
   ds = ds.map(
-    _preprocess_map(builder, pp, keys, augment_root),
+    _preprocess_map(builder, pp, keys, augment_root, masks),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   ds = ds.batch(batch, drop_remainder=True).prefetch(int(_get(data_cfg, 'prefetch', 2)))
@@ -471,12 +539,14 @@ def make_eval_iter(data_cfg: Any, split: str, *, global_batch_size: int) -> Eval
   batch = local_batch_size(global_batch_size)
   builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
   keys = (*batch_keys(data_cfg), 'image_id')
-  ds, n = _read(builder, split, data_cfg, _with_pp_keys(data_cfg, keys))
+  keys_read = _with_pp_keys(data_cfg, keys)
+  masks = open_mask_cache(data_cfg, keys_read, builder)
+  ds, n = _read(builder, split, data_cfg, keys_read, masks=masks)
   # Seeds only matter if pp_eval has random ops; fixed ones keep evaluation repeatable.
   root = tf.constant([0, jax.process_index()], tf.int64)
   pp = _get(data_cfg, 'pp_eval', '')
   ds = ds.enumerate().map(
-    _preprocess_map(builder, pp, keys, root),
+    _preprocess_map(builder, pp, keys, root, masks),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   ds = ds.batch(batch).prefetch(int(_get(data_cfg, 'prefetch', 2))).with_options(_options())
@@ -522,3 +592,40 @@ def iterate_box_split(data_cfg: Any, split: str, pp: str, *, limit: int | None =
     yield {'image_id': ex['image_id'].decode('utf-8'), 'image': ex['image'],
            'labels': ex['labels'].astype(np.float32), 'boxes': ex['boxes'].astype(np.float32),
            'box_classes': [names[int(c)] for c in ex['box_labels']]}
+
+
+def iterate_split(data_cfg: Any, split: str, pp: str, *, batch_size: int, start: int = 0
+                  ) -> tuple[int, tuple[int, int], Iterator[dict[str, Any]]]:
+  """Every image of a whole named split in file order from example `start`, unfiltered (the
+  `segment` stage's input; process-local).
+
+  Returns (examples in the split, (H, W) of the stored images, iterator of batches
+  {'image_id': list of b ids, 'image': float32 [b, h, w, C] after `pp`}).
+  """
+  tf_devices.hide_accelerators()
+  builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
+  if split not in builder.info.splits:
+    raise ValueError(f'{_name(data_cfg)!r} has no split {split!r}; it has '
+                     f'{sorted(builder.info.splits)}.')
+  n = builder.info.splits[split].num_examples
+  size = tuple(int(s) for s in builder.info.features['image'].shape[:2])
+  decoders = {'image': tfds.decode.SkipDecoding()}
+  ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+  ds = ds.map(lambda f: {'image_id': f['image_id'], 'image': f['image']}).skip(start)
+  preprocess = ops.get_preprocess_fn(pp)
+  root = tf.constant([0, 0], tf.int64)
+
+  def fn(index: tf.Tensor, f: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    features = _decode(builder, f)
+    features[ops.SEED_KEY] = tf.random.experimental.stateless_fold_in(root, index)
+    out = preprocess(features)
+    return {'image_id': f['image_id'], 'image': tf.cast(out['image'], tf.float32)}
+
+  ds = ds.enumerate(start=start).map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size).prefetch(2).with_options(_options())
+
+  def batches() -> Iterator[dict[str, Any]]:
+    for b in ds.as_numpy_iterator():
+      yield {'image_id': [s.decode('utf-8') for s in b['image_id']], 'image': b['image']}
+
+  return n, size, batches()

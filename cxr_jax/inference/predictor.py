@@ -231,13 +231,26 @@ class Predictor:
     return self._functions[name]
 
 
-def load_predictor(workdir: str | epath.PathLike, stage: str | None = None) -> Predictor:
-  """Restores the best checkpoint of `stage` (default: the run's last training stage)."""
+def load_predictor(workdir: str | epath.PathLike, stage: str | None = None, *,
+                   task: str | None = 'classification') -> Predictor:
+  """Restores the best checkpoint of `stage` (default: the run's last training stage).
+
+  task: the kind of model expected ('classification', or 'segmentation' for paper 004's U-Net,
+  see inference/segmentation.py); a stage of another kind raises RunError naming it. None
+  accepts either.
+  """
   workdir = epath.Path(workdir)
   if not workdir.is_dir():
     raise run_lib.RunError(f'--workdir={workdir}: no such folder.')
   stage = stage or run_lib.default_stage(workdir)
   run_lib.check_stage(workdir, stage)
+  info = run_lib.read_model_info(workdir / stage)
+  if task is not None and info.task != task:
+    if task == 'classification':
+      from cxr_jax.inference.segmentation import check_classifier
+      check_classifier(info, str(workdir / stage))
+    raise run_lib.RunError(f'{workdir / stage}: a {info.task} model ({info.model_name}), not a '
+                           f'{task} model.')
   model, variables, info = run_lib.restore_model(workdir / stage)
   config = None
   from cxr_jax import layout

@@ -63,6 +63,8 @@ class ModelInfo:
     inputs: the model's inputs besides the image, {name: per-example shape} (e.g. masks).
     output: how logits become probabilities: 'sigmoid' (multi-label; runs written before this
       field) or 'softmax' (single-label softmax models, `losses.output_activation`).
+    task: 'classification' (outputs: class logits [K]) or 'segmentation' (per-pixel logits
+      [H, W, K]; class_names are then the structures, paper 004's U-Net).
   """
 
   image_shape: tuple[int, int, int]
@@ -76,6 +78,7 @@ class ModelInfo:
   num_train_examples: int | None = None
   inputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
   output: str = 'sigmoid'
+  task: str = 'classification'
 
   @classmethod
   def from_json(cls, raw: dict[str, Any]) -> 'ModelInfo':

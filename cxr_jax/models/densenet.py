@@ -13,6 +13,15 @@ Intermediate maps sown into 'intermediates': `stem` (after the stem's ReLU, befo
 `denseblock1` ... `denseblock4` (outputs of the dense blocks, before the transitions), `features`
 (after `norm5` and ReLU, the last map before pooling, as torchvision's `forward` computes it)
 and `pooled` ([B, C]).
+
+Paper 004 (Fang et al.) switches, off by default (parameters and outputs are then torchvision's):
+- `input_attention='multiscale'`: the multi-scale spatial attention on the input image
+  (cxr_jax/attention/multiscale.py, parameters under `msa`; its map is sown as 'msa_map');
+- `feature_weighting=True`: the model takes the lung/heart masks of its input
+  (`masks=` [B, H, W, S], config.data.inputs=('masks',)) and multiplies the pooled global mask
+  M_g into the last feature map, F_l = F_g (x) M_g (cxr_jax/attention/feature_weighting.py);
+  with `fw_sigmoid` (the released code) F_g is sigmoid(norm5 output) instead of its ReLU.
+  `features` is then F_l (what CAM and the head see) and `global_features` F_g.
 """
 
 import functools
@@ -25,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxr_jax.attention.feature_weighting import weigh_features
+from cxr_jax.attention.multiscale import MultiScaleAttention
 from cxr_jax.models import MODELS
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
 from cxr_jax.models.resnet import batch_norm, convert_torchvision
@@ -110,6 +121,12 @@ class DenseNet(nn.Module):
     drop_rate: dropout after every dense layer (torchvision's default 0).
     dtype: compute dtype; parameters stay float32, logits are float32.
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
+    input_attention: '' or 'multiscale' (paper 004's MSA on the input image).
+    msa_stride: the MSA convolutions' stride: 1 (released code) or 2 (the paper's text).
+    feature_weighting: paper 004's F_l = F_g (x) M_g; needs `masks`.
+    fw_sigmoid: F_g = sigmoid(norm5 output) as the released code (else the ReLU features).
+    fw_binarize: binarise the pooled global mask at 0.5 (released code's `ge(0.5)`).
+    mask_channels: S, the structures of `masks` (left lung, right lung, heart).
   """
 
   num_classes: int
@@ -120,15 +137,37 @@ class DenseNet(nn.Module):
   drop_rate: float = 0.0
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  input_attention: str = ''
+  msa_stride: int = 1
+  feature_weighting: bool = False
+  fw_sigmoid: bool = True
+  fw_binarize: bool = True
+  mask_channels: int = 3
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False,
-               return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False,
+               masks: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Maps images [B, H, W, C] (any C) to logits [B, num_classes] (float32).
 
     With `return_features`, returns (logits, features [B, H/32, W/32, C']), `features` being
-    the map after `norm5` and ReLU (1024 channels for DenseNet-121).
+    the map after `norm5` and ReLU (1024 channels for DenseNet-121), or F_l with feature
+    weighting. `masks` [B, H, W, mask_channels]: the input's lung/heart masks (feature
+    weighting only).
     """
+    if self.input_attention not in ('', 'multiscale'):
+      raise ValueError(f"input_attention={self.input_attention!r}: expected '' or 'multiscale'.")
+    if self.feature_weighting:
+      want = (*x.shape[:3], self.mask_channels)
+      if masks is None or tuple(masks.shape) != want:
+        got = 'none' if masks is None else tuple(masks.shape)
+        raise ValueError(
+            f'DenseNet(feature_weighting=True) needs the lung/heart masks of its input, '
+            f'masks= of shape {want} (config.data.inputs=(\'masks\',), masks from the segment '
+            f'stage), got {got}.')
+    elif masks is not None:
+      raise ValueError('masks= given to a DenseNet without feature_weighting.')
+    if self.input_attention == 'multiscale':
+      x = MultiScaleAttention(stride=self.msa_stride, dtype=self.dtype, name='msa')(x)
     x = x.astype(self.dtype)
     x = _conv(self.num_init_features, 7, 2, self.dtype, 'conv0')(x)
     x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm0', train)(x))
@@ -142,7 +181,13 @@ class DenseNet(nn.Module):
       if i < len(self.block_config):
         x = Transition(x.shape[-1] // 2, self.bn_axis_name, self.dtype,
                        name=f'transition{i}')(x, train=train)
-    x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm5', train)(x))
+    x = batch_norm(self.bn_axis_name, self.dtype, 'norm5', train)(x)
+    if self.feature_weighting:
+      x = nn.sigmoid(x) if self.fw_sigmoid else nn.relu(x)
+      self.sow('intermediates', 'global_features', x)
+      x = weigh_features(x, masks, binarize=self.fw_binarize)
+    else:
+      x = nn.relu(x)
     self.sow('intermediates', 'features', x)
     features = x
     x = jnp.mean(x, axis=(1, 2))

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cxr_jax import losses
 from cxr_jax.models import MODELS
 
 
@@ -119,11 +120,7 @@ def dice_loss(logits: jax.Array, masks: jax.Array, *, smooth: float = 1.0,
   Returns:
     A scalar: ~0 for a perfect prediction, ~1 for a disjoint one.
   """
-  probs = jax.nn.sigmoid(logits.astype(jnp.float32))
-  masks = masks.astype(jnp.float32)
-  inter = jnp.sum(probs * masks, axis=(1, 2))
-  total = jnp.sum(probs, axis=(1, 2)) + jnp.sum(masks, axis=(1, 2))
-  dice = (2.0 * inter + smooth) / (total + smooth)  # [B, K]
+  dice = losses.soft_dice_per_structure(logits, masks, smooth)  # [B, K]
   per_image = 1.0 - jnp.mean(dice, axis=-1)
   if weights is None:
     return jnp.mean(per_image)

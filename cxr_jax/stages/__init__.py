@@ -11,9 +11,12 @@ resumes from its own checkpoints.
 - ood.py: `fit_ood`, the viewer's out-of-distribution gate of each model.
 - cross_validation.py: `cross_validate` (paper 003: k folds, each a run of its own).
 - activations.py: `activations` (paper 003's filter, activation and heat map figures).
+- segmentation.py: paper 004's `evaluate_segmentation` (Dice/Jaccard) and `segment` (the
+  mask cache a classifier reads); `train_segmenter` is in training.py.
 - report.py: the report of everything above, written in one go.
 """
 
+import copy
 import json
 import time
 from collections.abc import Sequence
@@ -33,12 +36,14 @@ from cxr_jax.stages import (
   localize,
   ood,
   report,
+  segmentation,
   training,
 )
 from cxr_jax.stages.base import STAGES, StageFn, is_chief
 
 __all__ = ['STAGES', 'StageFn', 'activations', 'cross_validation', 'evaluation', 'explain',
-           'is_chief', 'localize', 'ood', 'report', 'run', 'stage_config', 'training']
+           'is_chief', 'localize', 'ood', 'report', 'run', 'segmentation', 'stage_config',
+           'training']
 
 
 def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
@@ -50,6 +55,21 @@ def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
     elif a != b:
       diffs.append(f'{prefix}{k}: {a!r} -> {b!r}')
   return diffs
+
+
+def _resolve_mask_cache(config: ml_collections.ConfigDict, run_dir: layout.Run
+                        ) -> ml_collections.ConfigDict:
+  """config.data.mask_cache 'segment' (this run's segment stage) -> its folder."""
+  if config.data.get('mask_cache') != segmentation.SEGMENT_STAGE:
+    return config
+  if segmentation.SEGMENT_STAGE not in config.stages:
+    raise ValueError("config.data.mask_cache='segment' reads this run's segment stage, which is "
+                     f'not in config.stages {list(config.stages)}: add it, or name the folder '
+                     'of a mask cache.')
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.data.mask_cache = str(run_dir.mask_cache_dir)
+  return config
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | epath.Path,
@@ -70,6 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.Path,
                       'not rerun (use --rerun):\n  %s', workdir, '\n  '.join(diffs))
   if is_chief():
     run_dir.write_config_json(config_json)
+  config = _resolve_mask_cache(config, run_dir)
   with preemption.watch():
     for name, fn in fns:
       if only and name not in only:

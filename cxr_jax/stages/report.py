@@ -8,12 +8,13 @@ folder is written together (cxr_jax/io_utils.py): a failure leaves the previous 
 was, and nothing is ever appended to a file already written.
 """
 
+import json
 from typing import Any
 
 import ml_collections
 from etils import epath
 
-from cxr_jax import layout, reporting
+from cxr_jax import config_lib, layout, reporting
 from cxr_jax.io_utils import atomic_write_files, json_text
 from cxr_jax.stages.base import STAGES, is_chief
 
@@ -64,6 +65,38 @@ def _heatmaps_section(run: layout.Run, files: dict[epath.Path, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _segmentation_section(config: ml_collections.ConfigDict, run: layout.Run,
+                          files: dict[epath.Path, Any]) -> tuple[str, dict[str, Any]]:
+  """Paper 004's segmentation results (evaluate_segmentation) -> (Markdown, metrics for
+  metrics.json: flat 'dice_<structure>' / 'jaccard_<structure>' test means of the first
+  segmentation stage, then every stage's metrics per split)."""
+  from cxr_jax.stages.segmentation import segmentation_stages
+  results: dict[str, dict[str, Any]] = {}
+  for stage in segmentation_stages(config):
+    splits = {}
+    for name in config_lib.stage_config(config, stage).data.eval_splits:
+      found = run.read_segmentation(stage, name)
+      if found is not None:
+        splits[name] = found
+    if splits:
+      results[stage] = splits
+  if not results:
+    return '', {}
+  first = next(iter(results.values()))
+  summary = reporting.segmentation_summary(first['test']) if 'test' in first else {}
+  lines = ['', '# Lung and heart segmentation (paper 004, U-Net)', '',
+           reporting.segmentation_markdown(results), '']
+  folder = run.report_file('segmentation_overlays')
+  for stage in results:
+    overlays_dir = run.segmentation_overlays_dir(stage)
+    if overlays_dir.exists():
+      for png in sorted(overlays_dir.glob('*.png')):
+        name = f'{stage}.{png.name}'
+        files[folder / name] = png.read_bytes()
+        lines.append(f'![{stage}: {png.name}]({folder.name}/{name})')
+  return '\n'.join(lines) + '\n', {**summary, 'segmentation': results}
+
+
 @STAGES.register('report')
 def report_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Tables in the papers' format, metrics (JSON) and ROC curves of the test split in report/."""
@@ -74,6 +107,17 @@ def report_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
     single_label_report.write_report(config, workdir)
     return
   run = layout.Run(workdir)
+  files: dict[epath.Path, Any] = {}
+  segmentation, seg_metrics = _segmentation_section(config, run, files)
+  if not config.report_models:  # a segmentation run (configs/lung_heart_unet.py)
+    if not seg_metrics:
+      raise ValueError(f'{run.root}: nothing to report: config.report_models is empty and no '
+                       'evaluate_segmentation results were found.')
+    files[run.report_file('metrics')] = json_text(
+        {'title': f'{config.name}: {config.data.name}', **seg_metrics}, sort_keys=False)
+    files[run.report_file('markdown')] = f'# {config.name}: {config.data.name}\n' + segmentation
+    atomic_write_files(files)
+    return
   results, labels, probs, thresholds = {}, {}, {}, {}
   for stage, label in config.report_models:
     results[label] = run.read_metrics(stage, 'test')
@@ -84,9 +128,12 @@ def report_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
   classes = tuple(config.data.classes)
   produced = reporting.classification_files(
       results, labels, probs, classes, title=f'{config.name}: {config.data.name} test split')
-  files: dict[epath.Path, Any] = {run.report_file(kind): produced[kind]
-                                  for kind in ('metrics', 'roc', 'confusion')}
-  sections = [_localization_section(config, run, files), _heatmaps_section(run, files)]
+  files.update({run.report_file(kind): produced[kind] for kind in ('metrics', 'roc', 'confusion')})
+  if seg_metrics:
+    files[run.report_file('metrics')] = lambda: json_text(
+        {**json.loads(produced['metrics']()), 'segmentation': seg_metrics}, sort_keys=False)
+  sections = [_localization_section(config, run, files), _heatmaps_section(run, files),
+              segmentation]
   if thresholds:
     files[run.report_file('thresholds')] = reporting.thresholds_csv(thresholds)
     sections.insert(0, '\n' + reporting.thresholds_markdown(results, thresholds, classes))

@@ -21,6 +21,8 @@ def _train_stage(name: str) -> StageFn:
 # Stage 1 of every method; paper 000 adds the recurrent attention branch as stage 2.
 STAGES.register('train_classifier')(_train_stage('train_classifier'))
 STAGES.register('train_attention')(_train_stage('train_attention'))
+# Paper 004's lung/heart U-Net (config.data.target='masks'), alone or before a classifier.
+STAGES.register('train_segmenter')(_train_stage('train_segmenter'))
 
 
 @STAGES.register('train_hard_examples')
