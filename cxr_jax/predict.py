@@ -107,19 +107,30 @@ def predict_image(predictor: Predictor, path: str, out_base: str, *, explain: st
                   boxes: Sequence[tuple[str, tuple]] = (),
                   pda: tuple[Any, inference.PDASettings] | None = None,
                   classes: Sequence[str] = (), layer: str = 'conv5',
-                  channel: int | None = None) -> dict[str, Any]:
+                  channel: int | None = None, segmenter: Any = None) -> dict[str, Any]:
   """Predicts one file and writes `out_base`.json (+ overlay PNGs); returns the JSON record.
 
-  boxes: (class name, normalised (x, y, w, h)) ground truth; pda: (fitted sampler, settings).
+  boxes: (class name, normalised (x, y, w, h)) ground truth; pda: (fitted sampler, settings);
+  segmenter: an `inference.segmentation.Segmenter` (paper 004's U-Net) whose lung masks a
+  lung-ROI model (paper 003) needs; its overlays are then drawn on the ROI (no --boxes).
   """
   image, meta = imageio.read_image(path)
-  if 'lung_roi' in predictor.info.pp_eval:
-    raise ValueError(
-        f'{path}: the model of stage {predictor.stage!r} was trained on lung ROIs cut from lung '
-        'masks (lung_roi in its eval preprocessing), and predict takes no lung mask for this '
-        'image; use a model trained without the ROI (config argument roi=none) until masks '
-        'from a segmentation run can be supplied.')
-  x = predictor.preprocess(image)
+  roi = None
+  if predictor.needs_lung_masks:
+    if segmenter is None:
+      raise UsageError(
+          f'the model of stage {predictor.stage!r} was trained on lung ROIs cut from lung masks '
+          '(lung_roi in its eval preprocessing): give --segmentation=UNET_RUN, a lung/heart '
+          'segmentation run (configs/lung_heart_unet.py), to find the lungs of your images.')
+    x = predictor.preprocess(image, masks=segmenter.masks(image))
+    roi = {'segmentation': os.path.abspath(os.fspath(segmenter.workdir)),
+           'stage': segmenter.stage}
+    # Heat maps live in the ROI's frame: draw them on the model's input, not the whole X-ray.
+    grey = x[..., 0]
+    image = (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-6)
+    boxes = ()
+  else:
+    x = predictor.preprocess(image)
   probs, inter = predictor.run(x)
   names, thresholds = predictor.class_names, predictor.thresholds
   findings = predictor.findings(probs)
@@ -131,6 +142,8 @@ def predict_image(predictor: Predictor, path: str, out_base: str, *, explain: st
       'thresholds': {n: float(t) for n, t in zip(names, thresholds, strict=True)},
       'threshold_source': predictor.operating.source,
       'findings': [n for n, _ in findings], 'overlays': []}
+  if roi is not None:
+    record['lung_roi'] = roi
   h, w = image.shape
   pixel_boxes = [(c, (x * w, y * h, bw * w, bh * h)) for c, (x, y, bw, bh) in boxes]
   if explain == 'attention':
@@ -176,8 +189,7 @@ def predict_image(predictor: Predictor, path: str, out_base: str, *, explain: st
   elif explain == 'pda':
     sampler, settings = pda
     key = jax.random.fold_in(jax.random.key(settings.seed), 0)
-    relevance = inference.pda_heatmaps(predictor, predictor.preprocess(image), sampler, settings,
-                                       key)
+    relevance = inference.pda_heatmaps(predictor, x, sampler, settings, key)
     chosen = _chosen_classes(classes, findings, names, probs)
     panels = [overlays.Panel(relevance[names.index(c)],
                              title=f'{c} (p={probs[names.index(c)]:.2f})', findings=findings,
@@ -220,17 +232,28 @@ def run(workdir: str, inputs: str, *, output: str | None = None, explain: str = 
         stage: str | None = None, boxes_csv: str | None = None, boxes_size: float = 1024.0,
         pda_reference: str | None = None, classes: Sequence[str] = (),
         progress: bool = True, predictor: Predictor | None = None, layer: str = 'conv5',
-        channel: int | None = None
+        channel: int | None = None, segmentation: str | None = None
         ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
   """Predicts every image of `inputs`; returns (records, [(path, error message)]).
 
   `predictor`: an already loaded model of `workdir` (several calls, one restore).
+  `segmentation`: a lung/heart segmentation run (paper 004) for lung-ROI models (paper 003).
   """
   from tqdm import tqdm
   paths = list_images(inputs)
   if not paths:
     raise UsageError(f'{inputs}: no .png/.jpg/.jpeg/.dcm files found.')
   predictor = predictor or inference.load_predictor(workdir, stage)
+  segmenter = None
+  if segmentation:
+    from cxr_jax.inference import segmentation as seg
+    segmenter = seg.load_segmenter(segmentation)
+  elif predictor.needs_lung_masks:
+    raise UsageError(
+        f'--workdir={workdir}: the model of stage {predictor.stage!r} was trained on lung ROIs '
+        'cut from lung masks (lung_roi in its eval preprocessing): give --segmentation=UNET_RUN, '
+        'a lung/heart segmentation run (configs/lung_heart_unet.py), to find the lungs of your '
+        'images.')
   explain = resolve_explain(explain, predictor)
   if explain == 'activations':
     from cxr_jax.inference import activations as act
@@ -259,7 +282,8 @@ def run(workdir: str, inputs: str, *, output: str | None = None, explain: str = 
     try:
       records.append(predict_image(predictor, path, out_base, explain=explain, pda=pda,
                                    boxes=all_boxes.get(os.path.basename(path), ()),
-                                   classes=classes, layer=layer, channel=channel))
+                                   classes=classes, layer=layer, channel=channel,
+                                   segmenter=segmenter))
     except RunError:
       raise
     except Exception as e:  # a bad file must not stop the rest; it is reported by name.
@@ -300,6 +324,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--channel', type=int, default=None,
                       help='--explain=activations: the channel shown over the image (0-based; '
                       'default: the strongest)')
+  parser.add_argument('--segmentation', default=None,
+                      help='lung/heart segmentation run (configs/lung_heart_unet.py) whose lung '
+                      'masks a lung-ROI model (configs/tb/*) needs')
   parser.add_argument('--verbose', action='store_true', help='log library INFO lines too')
   return parser.parse_args(list(argv)[1:])
 
@@ -317,7 +344,8 @@ def main(argv: Sequence[str]) -> int:
     records, failures = run(args.workdir, args.inputs, output=args.output, explain=args.explain,
                             stage=args.stage, boxes_csv=args.boxes,
                             boxes_size=args.boxes_size, pda_reference=args.pda_reference,
-                            classes=classes, layer=args.layer, channel=args.channel)
+                            classes=classes, layer=args.layer, channel=args.channel,
+                            segmentation=args.segmentation)
   except RunError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

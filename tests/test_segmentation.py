@@ -319,3 +319,43 @@ def test_feature_weighting_model_needs_masks_of_its_input():
     model.init(jax.random.key(0), x, masks=jnp.ones((1, 32, 32, 3)))
   with pytest.raises(ValueError, match=r'got \(1, 64, 64, 2\)'):
     model.init(jax.random.key(0), x, masks=jnp.ones((1, 64, 64, 2)))
+
+
+def test_unet_masks_give_paper_003_its_lung_roi(phantom_data_dir, tmp_path):
+  # Paper 003's lung ROI for a data set without masks: the lungs come from a U-Net's mask
+  # cache (`masks=unet`). The cache here holds one known rectangle per lung, so the crop and
+  # the masking are checked exactly against the stored images.
+  import tensorflow_datasets as tfds
+
+  from cxr_jax import config_lib
+  tb = config_lib.load_sibling(str(pathlib.Path(__file__).parents[1] / 'configs/tb/x.py'),
+                               'custom_cnn.py')
+  config = tb.get_config('roi=crop,masks=unet')
+  assert 'sources=(\'masks\',)' in config.data.pp_eval and 'masks' in config.data.pp_keys
+  assert "('lung_mask', 'masks')" in tb.get_config('masks=both').data.pp_train
+  with pytest.raises(ValueError, match='masks must be one of'):
+    tb.get_config('masks=atlas')
+
+  builder = tfds.builder('cxr_phantom/tiny', data_dir=phantom_data_dir)
+  exs = list(tfds.as_numpy(builder.as_dataset(split='test', shuffle_files=False)))[:8]
+  ids = [ex['image_id'].decode() for ex in exs]
+  rect = np.zeros((8, 64, 64, 3), bool)
+  rect[:, 10:40, 6:28, 0] = True   # left lung
+  rect[:, 12:44, 36:58, 1] = True  # right lung (its box reaches down to row 43)
+  rect[:, 30:50, 20:44, 2] = True  # heart: not a lung, outside the ROI's box
+  writer = mask_cache.MaskCacheWriter(tmp_path / 'unet', S.STRUCTURES, (64, 64), shard_size=8,
+                                      meta={})
+  writer.write_shard('test', 0, 8, ids, rect)
+  writer.finish_split('test', 8)
+  writer.finish()
+  raw = np.stack([ex['image'] for ex in exs]).astype(np.float32)  # [8, 64, 64, 1]
+  for mode, expected in [('crop', raw[:, 10:44, 6:58]),
+                         ('mask', raw * (rect[..., 0] | rect[..., 1])[..., None])]:
+    cfg = ml_collections.ConfigDict({
+        'name': 'cxr_phantom/tiny', 'data_dir': phantom_data_dir, 'target': 'label',
+        'classes': ('normal', 'abnormal'), 'pp_keys': ('labels', 'masks', 'image_id'),
+        'mask_cache': str(tmp_path / 'unet'), 'structures': S.STRUCTURES,
+        'pp_eval': f'decode|label_from_findings|lung_roi("{mode}", sources=("masks",))'})
+    batch = next(iter(pipeline.make_eval_iter(cfg, 'test', global_batch_size=8)))
+    assert [i.decode() if isinstance(i, bytes) else str(i) for i in batch['image_id']] == ids
+    np.testing.assert_array_equal(batch['image'], expected)

@@ -71,9 +71,28 @@ def test_phantom_demo_end_to_end_with_predict_and_figure_set(phantom_data_dir, t
   from PIL import Image
   Image.fromarray((np.random.default_rng(0).random((80, 70)) * 65535).astype(np.uint16)
                   ).save(image)
-  records, failures = predict.run(str(tmp_path / 'run'), str(image), explain='activations',
-                                  predictor=predictor, progress=False)
-  assert not records and 'x.png' in failures[0][1] and 'roi=none' in failures[0][1]
+  with pytest.raises(RunError, match='lung ROIs.*--segmentation=UNET_RUN'):
+    predict.run(str(tmp_path / 'run'), str(image), explain='activations', predictor=predictor,
+                progress=False)
+  # With lung masks (from paper 004's U-Net in use; a stand-in with known lungs here, the
+  # Segmenter itself is tested in test_segmentation.py) the ROI is cut from them.
+  class Lungs:
+    workdir, stage = tmp_path / 'unet', 'train_segmenter'
+
+    def masks(self, grey):
+      m = np.zeros((*grey.shape, 3), bool)
+      m[10:60, 5:30, 0] = m[10:60, 40:65, 1] = True
+      return m
+
+  record = predict.predict_image(predictor, str(image), str(tmp_path / 'roi' / 'x'),
+                                 explain='activations', segmenter=Lungs())
+  assert record['lung_roi']['stage'] == 'train_segmenter'
+  assert abs(sum(record['probabilities'].values()) - 1.0) < 1e-5
+  grey = np.asarray(Image.open(image), np.float32) / 65535.0
+  cut = predictor.preprocess(grey, masks=Lungs().masks(grey))
+  outside = np.full_like(grey, 0.5)  # only the lungs' box may matter
+  outside[10:60, 5:65] = grey[10:60, 5:65]
+  np.testing.assert_array_equal(cut, predictor.preprocess(outside, masks=Lungs().masks(grey)))
   # Without the ROI: predict's activations on a 16-bit PNG, and the figure-set command.
   config = _shrink(_tb_config('demo,roi=none'), steps=1)
   config.data.name, config.data.data_dir = 'cxr_phantom/tiny', phantom_data_dir

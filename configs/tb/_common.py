@@ -18,8 +18,11 @@ Readings and choices where the paper is silent (each a config field):
   what lies outside the lungs instead: the config argument `roi=mask` (`roi=crop_mask`: both;
   `roi=none`: no ROI, e.g. for the Montgomery sample, which has no masks), e.g.
   `--config=configs/tb/custom_cnn.py:cv,roi=none`. An image without a mask fails naming the
-  image; masks from a U-Net run (paper 004) plug in as a further source of lung_roi
-  (`sources=(...)`) once the pipeline reads that cache.
+  image. Lungs from a U-Net run (paper 004) where the data set has no masks: the config argument
+  `masks=unet` (only the U-Net's) or `masks=both` (the data set's manual mask where there is
+  one, else the U-Net's), with `--config.data.mask_cache=UNET_RUN/segment` (the `segment`
+  stage's or `python -m cxr_jax.segment`'s cache of this data set), e.g.
+  `:roi=crop,masks=unet --config.data.name=cxr_samples/montgomery_tb --config.data.mask_cache=...`.
 - CLAHE: scikit-image's equalize_adapthist with Matlab adapthisteq's defaults (8 x 8 tiles,
   clip limit 0.01, 256 bins): the paper ran Matlab R2017a and names no values.
 - Augmentation: random translation by up to 10 % of the input size and rotation up to 10
@@ -93,6 +96,10 @@ def base(name: str, model: ml_collections.ConfigDict, size: int, norm: str
 
 
 ROI_MODES = ('crop', 'mask', 'crop_mask', 'none')
+# Where lung_roi takes the lungs from (config argument masks=...): the data set's 'lung_mask',
+# the 'masks' of a U-Net mask cache (config.data.mask_cache; lung channels left, right), or the
+# first non-empty of both.
+MASK_SOURCES = {'dataset': ('lung_mask',), 'unet': ('masks',), 'both': ('lung_mask', 'masks')}
 
 
 def finish(config: ml_collections.ConfigDict, arg: str | None, demo, size: int, norm: str
@@ -100,19 +107,24 @@ def finish(config: ml_collections.ConfigDict, arg: str | None, demo, size: int, 
   """Applies the config argument: comma-separated 'demo' (synthetic data, CPU-sized), 'cv'
   (5-fold cross-validation), 'roi=crop|mask|crop_mask|none' (the lung ROI, default crop)."""
   parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
-  roi = 'crop'
+  roi, masks = 'crop', 'dataset'
   for p in parts:
     if p.startswith('roi='):
       roi = p[4:]
       if roi not in ROI_MODES:
         raise ValueError(f'Config argument {p!r}: roi must be one of {ROI_MODES}.')
+    elif p.startswith('masks='):
+      masks = p[6:]
+      if masks not in MASK_SOURCES:
+        raise ValueError(f'Config argument {p!r}: masks must be one of {tuple(MASK_SOURCES)}.')
     elif p not in ('demo', 'cv'):
       raise ValueError(f"Unknown config argument {arg!r}; valid: comma-separated 'demo', "
-                       f"'cv', 'roi=<{'|'.join(ROI_MODES)}>'.")
-  if roi != 'crop':
-    config.data.pp_train, config.data.pp_eval = pp_strings(roi, size, norm)
-    if roi == 'none':
-      config.data.pp_keys = ('image_id',)
+                       f"'cv', 'roi=<{'|'.join(ROI_MODES)}>', "
+                       f"'masks=<{'|'.join(MASK_SOURCES)}>'.")
+  if roi != 'crop' or masks != 'dataset':
+    sources = MASK_SOURCES[masks]
+    config.data.pp_train, config.data.pp_eval = pp_strings(roi, size, norm, sources=sources)
+    config.data.pp_keys = ('image_id',) if roi == 'none' else (*sources, 'image_id')
   if 'demo' in parts:
     demo(config, roi)
   if 'cv' in parts:

@@ -107,12 +107,21 @@ class Predictor:
     return section.to_dict() if hasattr(section, 'to_dict') else dict(section)
 
   # ---------------------------------------------------------------------------- input
-  def preprocess(self, image: np.ndarray) -> np.ndarray:
+  @property
+  def needs_lung_masks(self) -> bool:
+    """True for paper 003's lung-ROI models: `preprocess` then needs the image's lung masks."""
+    return 'lung_roi' in self.info.pp_eval
+
+  def preprocess(self, image: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
     """Grey [H, W] in [0, 1] -> the model's input [H', W', C] float32.
 
     The image is resized to the model's input size (as the NIH PNGs were squeezed to
     1024 x 1024), quantised to 8 bits as the training PNGs are, and run through the stage's
-    eval preprocessing (`ModelInfo.pp_eval`).
+    eval preprocessing (`ModelInfo.pp_eval`). masks: binary [H, W, S] (structures left lung,
+    right lung[, heart], e.g. a U-Net's, inference/segmentation.py) in the image's frame, which
+    a lung-ROI model (`needs_lung_masks`) must have: the image then keeps its own size, since
+    the ROI is cut before the eval preprocessing resizes it, and the masks reach the ops as
+    'masks' and as 'lung_mask' (the lungs' union), the features `lung_roi` reads.
     """
     if self._preprocess is None:
       from cxr_jax.data import ops, tf_devices
@@ -120,9 +129,25 @@ class Predictor:
       self._preprocess = ops.get_preprocess_fn(self.info.pp_eval)
     import tensorflow as tf
 
-    uint8 = _to_uint8(image, self.image_shape[:2])
+    if self.needs_lung_masks and masks is None:
+      raise ValueError(f'the model of stage {self.stage!r} was trained on lung ROIs (lung_roi in '
+                       'its eval preprocessing): give the lung masks of the image (predict and '
+                       'the viewer: --segmentation=UNET_RUN).')
+    if masks is None:
+      uint8 = _to_uint8(image, self.image_shape[:2])
+      features = {'image': tf.constant(uint8)}
+    else:
+      image = np.asarray(image, np.float32)
+      masks = np.asarray(masks)
+      if masks.ndim != 3 or masks.shape[:2] != image.shape or masks.shape[-1] < 2:
+        raise ValueError(f'masks of shape {masks.shape}: expected [H, W, S >= 2] (left lung, '
+                         f'right lung, ...) for the image of shape {image.shape}.')
+      uint8 = _to_uint8(image, image.shape)
+      binary = (masks > 0).astype(np.uint8) * 255
+      features = {'image': tf.constant(uint8), 'masks': tf.constant(binary),
+                  'lung_mask': tf.constant(np.maximum(binary[..., 0], binary[..., 1])[..., None])}
     # 'decode' in pp strings passes already decoded uint8 tensors through unchanged.
-    x = np.asarray(self._preprocess({'image': tf.constant(uint8)})['image'], np.float32)
+    x = np.asarray(self._preprocess(features)['image'], np.float32)
     if x.shape != self.image_shape:
       raise ValueError(f'preprocessing gave shape {x.shape}, the model expects '
                        f'{self.image_shape} (pp_eval {self.info.pp_eval!r})')

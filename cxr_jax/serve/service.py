@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from cxr_jax import inference
+from cxr_jax import inference, losses
 from cxr_jax.explain import boxes as boxes_lib
 from cxr_jax.explain import overlays
 from cxr_jax.inference import Predictor, RunError
@@ -91,6 +91,11 @@ def load_run(spec: str, pda_reference: list[str] | None = None) -> ServedRun:
   """Loads the model of a `--workdir` value once, with its OOD gate when fit_ood ran."""
   workdir, stage = parse_run_spec(spec)
   predictor = inference.load_predictor(workdir, stage)
+  if predictor.needs_lung_masks:
+    raise RunError(f'--workdir={spec}: the model of stage {predictor.stage!r} was trained on lung '
+                   'ROIs cut from lung masks (paper 003, lung_roi); the viewer does not cut ROIs '
+                   'yet: use `python -m cxr_jax.predict --segmentation=UNET_RUN`, or a model '
+                   'trained without the ROI (config argument roi=none).')
   found = ood_lib.load_gate(predictor)
   gate, summary = found if found is not None else (None, None)
   name = os.path.basename(os.path.normpath(workdir))
@@ -307,7 +312,9 @@ class Viewer:
         p = run.predictor
         x = p.preprocess(image)
         logits, inter = p.forward(x[None])
-        probs = np.asarray(jax.nn.sigmoid(np.asarray(logits, np.float32)))[0]
+        # Multi-label models' sigmoid, or a single-label model's softmax (ModelInfo.output).
+        probs = np.asarray(losses.probabilities(np.asarray(logits, np.float32),
+                                                p.info.output))[0]
         inter = jax.tree.map(np.asarray, inter)
         gate = None if run.gate is None else ood_lib.score_image(run.gate, p, x, inter)
         results.append(RunResult(x, inter, probs, gate))
