@@ -146,7 +146,8 @@ def _read(
 
   Returns elements {key: tensor for key in keys} with 'labels' float32 [K] gathered to
   config.data.classes, each repeated 1 + copies[image_id] times if `copies`, and the element
-  count from a pass that decodes no image.
+  count from a pass that decodes no image. `keys` should include what the pp ops read
+  (`_with_pp_keys`).
   """
   host_split = _host_split(split)
   features = builder.info.features
@@ -193,6 +194,11 @@ def _repeat_copies(ds: tf.data.Dataset, copies: dict[str, int], keys: tuple[str,
                        f'are not in the (filtered) split {split!r}.')
   return ds.flat_map(lambda f: tf.data.Dataset.from_tensors(
     {k: f[k] for k in keys}).repeat(1 + tf.maximum(table.lookup(f['image_id']), 0)))
+
+
+def _with_pp_keys(keys: tuple[str, ...], pp: str) -> tuple[str, ...]:
+  """`keys` plus the features the ops of `pp` read (e.g. 'image_id' for `align`)."""
+  return tuple(keys) + tuple(k for k in ops.required_keys(pp) if k not in keys)
 
 
 def _decode(
@@ -286,7 +292,8 @@ def make_train_iter(
   extra = _get(data_cfg, 'extra_copies', '')
   copies = load_extra_copies(extra) if extra else None
   keys = batch_keys(data_cfg)
-  base, n = _read(builder, split, data_cfg, keys, copies)
+  pp = _get(data_cfg, 'pp_train', '')
+  base, n = _read(builder, split, data_cfg, _with_pp_keys(keys, pp), copies)
   if n == 0:
     raise ValueError(
       f'No training examples in {_name(data_cfg)!r} split {split!r} after filtering.'
@@ -314,7 +321,6 @@ def make_train_iter(
   first_epoch, offset = divmod(start_step * batch, n)
   ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch)
   ds = ds.enumerate(start=first_epoch * n).skip(offset)  # Skip before decoding: cheap.
-  pp = _get(data_cfg, 'pp_train', '')
   ds = ds.map(
     _preprocess_map(builder, pp, keys, augment_root),
     num_parallel_calls=tf.data.AUTOTUNE,
@@ -407,10 +413,10 @@ def make_eval_iter(data_cfg: Any, split: str, *, global_batch_size: int) -> Eval
   batch = local_batch_size(global_batch_size)
   builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
   keys = (*batch_keys(data_cfg), 'image_id')
-  ds, n = _read(builder, split, data_cfg, keys)
+  pp = _get(data_cfg, 'pp_eval', '')
+  ds, n = _read(builder, split, data_cfg, _with_pp_keys(keys, pp))
   # Seeds only matter if pp_eval has random ops; fixed ones keep evaluation repeatable.
   root = tf.constant([0, jax.process_index()], tf.int64)
-  pp = _get(data_cfg, 'pp_eval', '')
   ds = ds.enumerate().map(
     _preprocess_map(builder, pp, keys, root),
     num_parallel_calls=tf.data.AUTOTUNE,
@@ -458,3 +464,53 @@ def iterate_box_split(data_cfg: Any, split: str, pp: str, *, limit: int | None =
     yield {'image_id': ex['image_id'].decode('utf-8'), 'image': ex['image'],
            'labels': ex['labels'].astype(np.float32), 'boxes': ex['boxes'].astype(np.float32),
            'box_classes': [names[int(c)] for c in ex['box_labels']]}
+
+
+def split_image_ids(data_cfg: Any, split: str, *, no_finding_only: bool = False) -> list[str]:
+  """The image ids of a whole split in file order (every host sees all of them), optionally
+  only the 'No Finding' images (the `no_finding` feature: no label at all). Decodes no image."""
+  tf_devices.hide_accelerators()
+  builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
+  if split not in builder.info.splits:
+    raise ValueError(f'{_name(data_cfg)!r} has no split {split!r}; it has '
+                     f'{sorted(builder.info.splits)}.')
+  if no_finding_only and 'no_finding' not in builder.info.features:
+    raise ValueError(f"{_name(data_cfg)!r} has no 'no_finding' feature to select normal images.")
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={k: tfds.decode.SkipDecoding() for k in ENCODED_KEYS
+                                    if k in builder.info.features})
+  if no_finding_only:
+    ds = ds.filter(lambda f: f['no_finding'])
+  ds = ds.map(lambda f: f['image_id'], num_parallel_calls=tf.data.AUTOTUNE)
+  return [s.decode('utf-8') for s in ds.with_options(_options()).as_numpy_iterator()]
+
+
+def iterate_images(data_cfg: Any, split: str, pp: str, image_ids: Any = None, *,
+                   batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of a whole split (or of its `image_ids` only) preprocessed by `pp`, in file order,
+  on this host alone (for stages that process 0 runs): {'image_id': str [b], 'image': float32
+  [b, H, W, C], 'labels': float32 [b, K] (config.data.classes)}; the last batch is smaller."""
+  tf_devices.hide_accelerators()
+  builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
+  if split not in builder.info.splits:
+    raise ValueError(f'{_name(data_cfg)!r} has no split {split!r}; it has '
+                     f'{sorted(builder.info.splits)}.')
+  keys = _with_pp_keys(('image', 'labels', 'image_id'), pp)
+  decoders = {k: tfds.decode.SkipDecoding() for k in ENCODED_KEYS if k in builder.info.features}
+  ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+  idx = tf.constant(class_indices(tuple(_get(data_cfg, 'classes', NIH_CLASSES))), tf.int32)
+  ds = ds.map(lambda f: {k: tf.gather(f[k], idx) if k == 'labels' else f[k] for k in keys},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  if image_ids is not None:
+    wanted = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(list(image_ids), tf.string),
+                                          tf.ones([len(image_ids)], tf.int64)),
+      default_value=np.int64(0))
+    ds = ds.filter(lambda f: wanted.lookup(f['image_id']) > 0)
+  root = tf.constant([0, 0], tf.int64)
+  ds = ds.enumerate().map(_preprocess_map(builder, pp, ('image', 'labels', 'image_id'), root),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size).prefetch(2).with_options(_options())
+  for batch in ds.as_numpy_iterator():
+    yield {'image_id': np.array([s.decode('utf-8') for s in batch['image_id']]),
+           'image': batch['image'], 'labels': batch['labels']}

@@ -8,6 +8,7 @@ resumes from its own checkpoints.
 - training.py: `train_classifier`, `train_attention`, `train_hard_examples` (the loop).
 - evaluation.py: `evaluate` (metrics, predictions, per-class thresholds), `mine_hard_examples`.
 - localize.py, explain.py: heat maps against the experts' boxes; PDA figures.
+- alignment.py, disease_masks.py: paper 002's anchor, alignment and disease-mask stages.
 - report.py: the report of everything above, written in one go.
 """
 
@@ -20,12 +21,12 @@ from absl import logging
 from etils import epath
 
 from cxr_jax import layout
-from cxr_jax.config_lib import stage_config
-from cxr_jax.stages import evaluation, explain, localize, report, training
+from cxr_jax.config_lib import expand_workdir, stage_config
+from cxr_jax.stages import alignment, disease_masks, evaluation, explain, localize, report, training
 from cxr_jax.stages.base import STAGES, StageFn, is_chief
 
-__all__ = ['STAGES', 'StageFn', 'evaluation', 'explain', 'is_chief', 'localize', 'report', 'run',
-           'stage_config', 'training']
+__all__ = ['STAGES', 'StageFn', 'alignment', 'disease_masks', 'evaluation', 'explain', 'is_chief',
+           'localize', 'report', 'run', 'stage_config', 'training']
 
 
 def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
@@ -43,6 +44,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.Path,
         only: Sequence[str] | None = None, rerun: bool = False) -> None:
   """Runs `config.stages` (or the subset `only`, in config order), skipping finished ones."""
   workdir = epath.Path(workdir)
+  config = expand_workdir(config, workdir)  # '{workdir}' in config strings -> this run
   run_dir = layout.Run(workdir)
   unknown = [s for s in (only or []) if s not in config.stages]
   if unknown:

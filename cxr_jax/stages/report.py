@@ -15,6 +15,7 @@ from etils import epath
 
 from cxr_jax import layout, reporting
 from cxr_jax.io_utils import atomic_write_files, json_text
+from cxr_jax.stages import disease_masks
 from cxr_jax.stages.base import STAGES, is_chief
 
 
@@ -82,7 +83,8 @@ def report_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
       results, labels, probs, classes, title=f'{config.name}: {config.data.name} test split')
   files: dict[epath.Path, Any] = {run.report_file(kind): produced[kind]
                                   for kind in ('metrics', 'roc', 'confusion')}
-  sections = [_localization_section(config, run, files), _heatmaps_section(run, files)]
+  sections = [_localization_section(config, run, files), _heatmaps_section(run, files),
+              disease_masks.report_section(config, run, results, files)]
   if thresholds:
     files[run.report_file('thresholds')] = reporting.thresholds_csv(thresholds)
     sections.insert(0, '\n' + reporting.thresholds_markdown(results, thresholds, classes))
