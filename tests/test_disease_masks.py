@@ -126,6 +126,7 @@ def _tiny_config(name: str, data_dir: str) -> ml_collections.ConfigDict:
   c.batch_size = c.eval_batch_size = c.align.batch_size = 8
   c.num_train_steps = 2
   c.stage_overrides.train_dm.num_train_steps = 1
+  c.stage_overrides.train_loss_network.num_train_steps = 2
   c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
   c.align.num_train_steps = 2
   c.align.log_every_steps = c.align.checkpoint_every_steps = 1
@@ -191,6 +192,22 @@ def test_dm_aligned_stages_end_to_end(phantom_data_dir, tmp_path, caplog):
   with pytest.raises(ValueError, match=r"for the classes \['Atelectasis'.*'Hernia'\], but this "
                      r"run classifies \['Atelectasis'.*'Pneumothorax'\]"):
     dm_stage.dm_train_config(expanded, workdir)
+
+  # Pseudo-disease masks (Table 2) on the same aligned classifier: the regions of pdm.py drawn
+  # at 64 x 64, then area-resized into train_dm's model config (no training needed here).
+  pdm = config_lib.expand_workdir(_tiny_config('pdm', config.data.data_dir), workdir)
+  stages.STAGES.get('pseudo_disease_masks')(pdm, workdir)
+  pseudo = run.read_disease_masks('pseudo_disease_masks')
+  k = {c: list(config.data.classes).index(c) for c in ('Cardiomegaly', 'Mass', 'Hernia')}
+  assert pseudo['masks'].shape == (14, 64, 64) and str(pseudo['kind']) == 'pseudo'
+  assert set(np.unique(pseudo['masks'])) == {0.0, 1.0}
+  assert not pseudo['masks'][k['Hernia']].any()  # no region given: psi = 0
+  heart, lungs = pseudo['masks'][k['Cardiomegaly']], pseudo['masks'][k['Mass']]
+  assert 0.05 < heart.mean() < lungs.mean() < 0.6
+  psi = np.asarray(dm_stage.dm_train_config(pdm, workdir).model.disease_masks)
+  assert psi.shape == (8, 8, 14)
+  np.testing.assert_allclose(psi[..., k['Mass']], lungs.reshape(8, 8, 8, 8).mean(axis=(1, 3)),
+                             atol=1e-6)
 
   # The comparison CLI: Tables 1, 3 and 4 with both models of the run.
   table = report.comparison_table(report.load_columns([str(workdir)], all_models=True))

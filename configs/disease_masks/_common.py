@@ -31,9 +31,12 @@ Readings (the paper is silent or ambiguous; every one is a config value):
 - Eq. 6 puts B(G(.)) inside phi(I): the smoothing (G = 16 x 16 average pooling, a 32 x 32 grid
   at 512 px, `align.smooth_kernel`; B = bilinear restore) enters only the alignment loss; the
   classifier sees the sharp warp. The regressor starts at the identity transform (zero last
-  layer, bias (1, 1, 0, 0, 0)). Eq. 8 is taken literally: the sum over pixels of per-pixel L2
-  norms (`align.euclidean_reduction='sum'`; 'mean' divides by the pixel count). Plain SGD
-  (no momentum: the paper names none).
+  layer, bias (1, 1, 0, 0, 0)). Eq. 8 is the per-pixel L2 norm (over channels; not a mean of
+  squares), averaged over pixels by default (`align.euclidean_reduction='mean'`): the literal
+  sum ('sum') has the same minimiser but a gradient P^2 = 262,144 times larger at 512 px, which
+  with the paper's SGD 1e-3 throws the transform out of range in the first steps (the run then
+  stops, see below); the paper's learning rate only makes sense for a per-pixel average.
+  Plain SGD (no momentum: the paper names none).
 - The perceptual loss network is this run's `train_loss_network` stage: the same ResNet-50
   recipe on the unaligned data ("pretrained on the ChestX-ray14 dataset");
   `--config.align.loss_network=<stage folder of another run>` reuses one (that stage then
@@ -42,6 +45,10 @@ Readings (the paper is silent or ambiguous; every one is a config value):
   images through the `align("{workdir}")` preprocessing op (warped on the fly, bilinear, zero
   = black outside; expert boxes move with the image: the box around their mapped corners). The
   localisation of aligned models is therefore measured in the aligned frame.
+- A degenerate alignment (a non-finite transform, |s_x| or |s_y| outside
+  [`align.min_scale`, `align.max_scale`] = [0.2, 5]) stops the align stage with
+  `AlignmentDiverged`, naming the step and the last good checkpoint, which is kept (a
+  checkpoint is only written once the next step has shown its parameters to be sane).
 - Classifier initialisation: not stated; ImageNet ResNet-50 (`init_from.checkpoint`, imported
   with `python -m cxr_jax.tools.import_weights --source=torchvision --arch=resnet50
   --input=<resnet50-*.pth> --output=weights/torchvision_resnet50`), as its AUROCs suggest.
@@ -218,21 +225,23 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
   config.batch_size = 32
   config.eval_batch_size = 250
   config.num_epochs = -1
-  config.num_train_steps = 500
-  config.stage_overrides.train_dm.num_train_steps = 250
+  config.num_train_steps = 300
+  config.stage_overrides.train_dm.num_train_steps = 150
+  # The perceptual loss only needs features that see the chest: a shorter run.
+  config.stage_overrides.train_loss_network.num_train_steps = 150
   # From scratch, Adam 1e-4 moves too slowly in a few hundred steps: 1e-3.
   config.optimizer.learning_rate = 1e-3
   config.stage_overrides.train_dm.optimizer = ml_collections.ConfigDict(
       config.optimizer.to_dict())
   config.stage_overrides.train_dm.optimizer.learning_rate = 1e-4
   config.log_every_steps = 50
-  config.eval_every_steps = 250
-  config.checkpoint_every_steps = 250
+  config.eval_every_steps = 150
+  config.checkpoint_every_steps = 150
   config.align.model.width = 16
   config.align.smooth_kernel = 2  # the paper's 32 x 32 grid at 64 px
   config.align.num_epochs = -1
-  config.align.num_train_steps = 400
+  config.align.num_train_steps = 300
   config.align.log_every_steps = 50
-  config.align.checkpoint_every_steps = 200
+  config.align.checkpoint_every_steps = 150
   config.align.figure_images = 6
   config.localize.num_overlays = 4
