@@ -97,7 +97,7 @@ def loss_network(config: ml_collections.ConfigDict, workdir: epath.Path
   if not layout.StageDir(path).has_model():
     raise FileNotFoundError(
         f'config.align.loss_network={source!r}: {path} holds neither a trained stage '
-        '(model.json) nor imported weights (import.json); train the loss network first '
+        '(a model description) nor imported weights; train the loss network first '
         "(stage 'train_loss_network') or point to one.")
   model, variables, info = inference.restore_model(path)
   return model, variables, {'source': str(path), 'kind': 'trained on the data',

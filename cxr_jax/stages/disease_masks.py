@@ -14,8 +14,8 @@ and the config of `train_dm` (eq. 4-5; the stage itself is in training.py, next 
   config.data.classes, the images per class, a Fig. 3 / Fig. 7-like PNG over the anchor.
 - train_dm reads the artefact of `config.disease_masks.attention_from`, checks its class list
   against the run's (an error names both lists), area-resizes psi to the feature map and
-  writes it into the model config (model.json then holds it: the model is rebuilt without the
-  artefact).
+  writes it into the model config (the stage's model description then holds it: the model is
+  rebuilt without the artefact).
 """
 
 import copy
@@ -205,7 +205,7 @@ def dm_train_config(config: ml_collections.ConfigDict, workdir: epath.Path
 
 def report_section(config: ml_collections.ConfigDict, run: layout.Run,
                    results: dict[str, dict[str, Any]], files: dict[epath.Path, Any]) -> str:
-  """Paper 002's part of report.md: Table 4 (AUROC on the box classes), the anchor, the
+  """Paper 002's part of the report: Table 4 (AUROC on the box classes), the anchor, the
   alignment (error before/after, Fig. 4) and the disease masks (images per class, Fig. 3/7).
   Empty for runs of other papers."""
   if 'disease_masks' not in config and 'align' not in config:
