@@ -27,6 +27,13 @@ import sys
 import time
 from typing import Any
 
+try:
+  # torch before TensorFlow and JAX: imported after them (cxr_jax.alignment_train loads
+  # TensorFlow), torch's first optimizer step segfaults in libtriton here.
+  import torch  # noqa: F401
+except ImportError:  # --no_torch
+  pass
+
 import jax
 import jax.numpy as jnp
 import ml_collections
