@@ -17,6 +17,12 @@ the step's memory (arguments + outputs + temporaries of the compiled program) at
 timed: at 512 px and batch 32 the ResNet-50 step needs more memory than a 2-core laptop has
 to spare, so on a CPU time a smaller batch (throughput per image barely depends on it there)
 and read the memory estimate of batch 32 with --memory_only.
+
+Known problem (2-core CPU machine, JAX 0.10.2, torch 2.x, TensorFlow loaded through
+cxr_jax.alignment_train -> cxr_jax.data.pipeline): the torch twin crashed the process twice
+(segfaults in libtriton.so, and in libc.so with torch imported first), so no torch ratio has
+been measured yet; --no_torch gives the JAX side. The fix is to time the torch twin in a
+subprocess that imports neither TensorFlow nor cxr_jax.
 """
 
 import argparse
@@ -26,13 +32,6 @@ import pathlib
 import sys
 import time
 from typing import Any
-
-try:
-  # torch before TensorFlow and JAX: imported after them (cxr_jax.alignment_train loads
-  # TensorFlow), torch's first optimizer step segfaults in libtriton here.
-  import torch  # noqa: F401
-except ImportError:  # --no_torch
-  pass
 
 import jax
 import jax.numpy as jnp
