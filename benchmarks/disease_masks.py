@@ -18,11 +18,9 @@ timed: at 512 px and batch 32 the ResNet-50 step needs more memory than a 2-core
 to spare, so on a CPU time a smaller batch (throughput per image barely depends on it there)
 and read the memory estimate of batch 32 with --memory_only.
 
-Known problem (2-core CPU machine, JAX 0.10.2, torch 2.x, TensorFlow loaded through
-cxr_jax.alignment_train -> cxr_jax.data.pipeline): the torch twin crashed the process twice
-(segfaults in libtriton.so, and in libc.so with torch imported first), so no torch ratio has
-been measured yet; --no_torch gives the JAX side. The fix is to time the torch twin in a
-subprocess that imports neither TensorFlow nor cxr_jax.
+The torch twin is timed in a subprocess of this script (--torch_only) that never loads
+TensorFlow: in one process with TensorFlow (cxr_jax.alignment_train -> cxr_jax.data.pipeline)
+torch's train step segfaulted (libtriton.so; libc.so with torch imported first).
 """
 
 import argparse
@@ -43,11 +41,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import backbones  # noqa: E402
 
-from cxr_jax import alignment_train, losses, optim, parallel  # noqa: E402
-from cxr_jax.attention import alignment as al  # noqa: E402
-from cxr_jax.config_lib import base_config  # noqa: E402
-from cxr_jax.models import build_model  # noqa: E402
-from cxr_jax.train_step import create_train_state, make_train_step  # noqa: E402
+from cxr_jax.attention import alignment as al  # noqa: E402  (JAX and numpy only)
+
+# The torch twin runs in its own process (--torch_only) without TensorFlow: torch in a process
+# that has loaded TensorFlow (cxr_jax.alignment_train -> cxr_jax.data.pipeline) segfaulted here.
+TORCH_ONLY = '--torch_only' in sys.argv
+if not TORCH_ONLY:
+  from cxr_jax import alignment_train, losses, optim, parallel  # noqa: E402
+  from cxr_jax.config_lib import base_config  # noqa: E402
+  from cxr_jax.models import build_model  # noqa: E402
+  from cxr_jax.train_step import create_train_state, make_train_step  # noqa: E402
 
 NUM_CLASSES = 14
 LAYERS = ('conv2_x', 'conv3_x', 'conv4_x', 'conv5_x')
@@ -214,6 +217,20 @@ def torch_alignment(size: int, batch: int, repeats: int, kernel: int) -> dict[st
   return {'torch_img_s': batch / backbones._timeit(one, repeats)}
 
 
+def _torch_subprocess(args: argparse.Namespace, part: str) -> dict[str, Any]:
+  """The torch twin of `part`, timed in a fresh process of this script (no TensorFlow)."""
+  import subprocess  # noqa: PLC0415
+  cmd = [sys.executable, __file__, '--torch_only', f'--parts={part}', f'--size={args.size}',
+         f'--batch={args.batch}', f'--align_batch={args.align_batch}',
+         f'--repeats={args.repeats}']
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  for line in done.stdout.splitlines():
+    if line.startswith('TORCH_JSON '):
+      return json.loads(line[len('TORCH_JSON '):])[part]
+  raise RuntimeError(f'the torch twin of {part!r} failed (exit {done.returncode}): '
+                     f'{done.stderr[-2000:]}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--size', type=int, default=512)
@@ -225,6 +242,8 @@ def main():
   parser.add_argument('--memory_only', action='store_true',
                       help='compile only: XLA memory estimates, no timing, no torch')
   parser.add_argument('--no_torch', action='store_true')
+  parser.add_argument('--torch_only', action='store_true',
+                      help='internal: time the torch twin of --parts, print JSON')
   parser.add_argument('--json', default=None)
   args = parser.parse_args()
   if args.quick:
@@ -233,6 +252,14 @@ def main():
   platform = jax.devices()[0].platform
   print(f'JAX {jax.__version__} on {jax.device_count()} x {platform}; {os.cpu_count()} CPUs; '
         f'{args.size} px, float32', flush=True)
+  if args.torch_only:
+    out = {}
+    for part in args.parts.split(','):
+      batch = args.batch if part == 'classifier' else args.align_batch
+      out[part] = (torch_classifier(args.size, batch, args.repeats) if part == 'classifier'
+                   else torch_alignment(args.size, batch, args.repeats, kernel))
+    print('TORCH_JSON ' + json.dumps(out), flush=True)
+    return
   rows = []
   for part in args.parts.split(','):
     batch = args.batch if part == 'classifier' else args.align_batch
@@ -240,11 +267,11 @@ def main():
     if part == 'classifier':
       row.update(jax_classifier(args.size, batch, args.repeats, args.memory_only))
       if not (args.no_torch or args.memory_only):
-        row.update(torch_classifier(args.size, batch, args.repeats))
+        row.update(_torch_subprocess(args, part))
     elif part == 'alignment':
       row.update(jax_alignment(args.size, batch, args.repeats, kernel, args.memory_only))
       if not (args.no_torch or args.memory_only):
-        row.update(torch_alignment(args.size, batch, args.repeats, kernel))
+        row.update(_torch_subprocess(args, part))
     else:
       raise SystemExit(f'--parts: unknown part {part!r}; valid: classifier, alignment')
     if row.get('torch_img_s') and row.get('jax_img_s'):
