@@ -123,7 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 'multi_threshold' = Wang et al.'s boxes at every level of `boxes.thresholds`) without any
   # ground truth; `pp` = the preprocessing of that split ('' = data.pp_eval); accuracy and
   # average false positives (AFP) at each T(IoU) of `iou_thresholds`; `require_prediction`: a
-  # box counts as missed unless the model also predicts its class.
+  # box counts as missed unless the model also predicts its class; `classes`: score only these
+  # classes' boxes (() = every class of the model).
   c.localize = ml_collections.ConfigDict({
       'split': 'bbox', 'method': 'cam', 'pp': '',
       'boxes': ml_collections.ConfigDict({'threshold': 0.5, 'normalize': 'minmax',
@@ -131,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
                                           'connectivity': 8,
                                           'thresholds': (60 / 255, 180 / 255)}),
       'iou_thresholds': (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), 'require_prediction': False,
-      'batch_size': 16, 'num_overlays': 8})
+      'batch_size': 16, 'num_overlays': 8, 'classes': ()})
 
   # Out-of-distribution gate of the viewer (stage `fit_ood`, cxr_jax/ood.py): PCA
   # reconstruction error of standardised s x s thumbnails (`image_size`, components keeping
@@ -197,6 +198,31 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
         raise ValueError(f'config.stage_overrides.{stage}.{key}: not a config field that a '
                          'stage can override.')
       cfg[key] = copy.deepcopy(value)
+  return cfg
+
+
+# Stands for the run's folder in config strings (e.g. paper 002's `align("{workdir}")` pp op,
+# which reads that run's alignment transforms); `stages.run` fills it in before any stage runs.
+WORKDIR_TOKEN = '{workdir}'
+
+
+def expand_workdir(config: ml_collections.ConfigDict, workdir: Any) -> ml_collections.ConfigDict:
+  """`config` with every WORKDIR_TOKEN in its string fields replaced by the absolute run
+  folder (a copy; `config` itself when it has none)."""
+  if WORKDIR_TOKEN not in config.to_json_best_effort():
+    return config
+  from etils import epath
+  root = str(epath.Path(workdir).absolute())
+  cfg = copy.deepcopy(config)
+
+  def visit(node: ml_collections.ConfigDict) -> None:
+    for key, value in list(node.items()):
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(value)
+      elif isinstance(value, str) and WORKDIR_TOKEN in value:
+        node[key] = value.replace(WORKDIR_TOKEN, root)
+
+  visit(cfg)
   return cfg
 
 
@@ -298,6 +324,7 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
                      'class names.')
   _check_segmentation(config)
   _check('localize.method', _one_of, config.localize.method, ('cam', 'grad_cam'))
+  _check('localize.classes', class_indices, tuple(config.localize.get('classes') or ()))
   _check('hard_examples.copies', _one_of, config.hard_examples.copies,
          ('per_image', 'per_pair'))
   if not 0.0 < config.hard_examples.threshold < 1.0:
@@ -328,6 +355,8 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   if 'ood' in config and not 0.0 < config.ood.false_alarm_rate < 1.0:
     raise ValueError(f'config.ood.false_alarm_rate={config.ood.false_alarm_rate!r}: expected a '
                      'rate in (0, 1).')
+  if 'align' in config:
+    _check_paper002(config)
   if config.explain.get('laplace_n', 0) < 0:
     raise ValueError(f'config.explain.laplace_n={config.explain.laplace_n!r}: expected >= 0 '
                      '(0 = the training split size).')
@@ -352,3 +381,34 @@ def _check_segmentation(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.segment.threshold={seg.threshold!r}: expected a probability in '
                        '(0, 1).')
     _positive(config, 'segment.batch_size', 'segment.shard_size')
+
+
+def _check_paper002(config: ml_collections.ConfigDict) -> None:
+  """Paper 002's sections: the alignment module, disease masks (configs/disease_masks)."""
+  from cxr_jax import optim
+  from cxr_jax.data import ops
+  from cxr_jax.data.labels import class_indices
+  from cxr_jax.models import MODELS
+  a = config.align
+  _check('align.model.name', MODELS.get, a.model.name)
+  _check('align.optimizer.name', optim.OPTIMIZERS.get, a.optimizer.name)
+  _check('align.optimizer.schedule.name', optim.SCHEDULES.get, a.optimizer.schedule.name)
+  _check('align.pp', ops.get_preprocess_fn, a.pp)
+  _check('align.euclidean_reduction', _one_of, a.euclidean_reduction, ('sum', 'mean'))
+  _positive(config, 'align.batch_size', 'align.smooth_kernel', 'align.anchor_images',
+            'align.log_every_steps', 'align.checkpoint_every_steps', 'align.min_scale',
+            'align.optimizer.learning_rate')
+  if a.num_train_steps <= 0 and a.num_epochs <= 0:
+    raise ValueError('config.align.num_train_steps or config.align.num_epochs must be positive.')
+  if not a.min_scale < 1.0 < a.max_scale:
+    raise ValueError(f'config.align.min_scale={a.min_scale}, max_scale={a.max_scale}: expected '
+                     'min_scale < 1 < max_scale (the identity must be allowed).')
+  d = config.disease_masks
+  _check('disease_masks.classes', class_indices, tuple(d.classes))
+  _check('disease_masks.asymmetric', class_indices, tuple(d.asymmetric))
+  _check('disease_masks.empty', _one_of, d.empty, ('zeros', 'positives', 'error'))
+  _check('disease_masks.attention_from', _one_of, d.attention_from,
+         ('disease_masks', 'pseudo_disease_masks'))
+  if not 0.0 < d.min_prob <= 1.0 or not 0.0 <= d.threshold <= 1.0:
+    raise ValueError(f'config.disease_masks.min_prob={d.min_prob} / threshold={d.threshold}: '
+                     'expected probabilities (min_prob in (0, 1], threshold in [0, 1]).')

@@ -27,6 +27,13 @@ its readers and writers. A run of `python -m cxr_jax.main` looks like this:
       fold_<i>/                   a whole run per fold: config.json, train_classifier/, ...
         split_ids.json            the fold's train/validation/test image ids
       cv_summary.json             per-fold test metrics, mean +- sd, pooled predictions' metrics
+    anchor/anchor.npz, anchor.png     paper 002: the mean 'No Finding' image
+    align/                            paper 002: the alignment regressor (a training stage's
+      model.json checkpoints/ best/   files) and what it gives: transforms.npz (image id ->
+      transforms.npz alignment.json   matrix, every split), alignment.json (anchor-to-image
+      alignment.png                   error before/after), alignment.png (Fig. 4)
+    disease_masks/, pseudo_disease_masks/
+      disease_masks.npz  disease_masks.png  disease_masks.json     paper 002's psi_c (Fig. 3/7)
     report/                       report.md, metrics.json, roc.png, ... (the report stage)
     predictions/                  default output of `python -m cxr_jax.predict`
     error.log                     tracebacks of failed runs (the terminal shows one line)
@@ -58,8 +65,8 @@ from cxr_jax.io_utils import (
 )
 
 # Training stages, later ones first: the default model of a run is its most refined one.
-TRAIN_STAGES = ('train_attention', 'train_hard_examples', 'train_classifier', 'train',
-                'train_segmenter')
+TRAIN_STAGES = ('train_attention', 'train_hard_examples', 'train_dm', 'train_classifier',
+                'train_loss_network', 'train', 'train_segmenter')
 
 IMPORT_META = 'import.json'
 IMPORT_VARIABLES = 'variables'
@@ -88,13 +95,23 @@ _ACTIVATIONS_INDEX = 'activations.json'
 _CV = 'cv'
 _CV_SUMMARY = 'cv_summary.json'
 _SPLIT_IDS = 'split_ids.json'
+# Paper 002: anchor image, alignment, disease masks (one folder per masks stage).
+_ANCHOR = ('anchor', 'anchor.npz')
+_ANCHOR_PNG = ('anchor', 'anchor.png')
+_ALIGN_TRANSFORMS = 'transforms.npz'
+_ALIGN_SUMMARY = 'alignment.json'
+_ALIGN_FIGURE = 'alignment.png'
+_DISEASE_MASKS = 'disease_masks.npz'
+_DISEASE_MASKS_PNG = 'disease_masks.png'
+_DISEASE_MASKS_JSON = 'disease_masks.json'
 # What the report stage writes into report/, by kind.
 REPORT_FILES = {'markdown': 'report.md', 'metrics': 'metrics.json', 'roc': 'roc.png',
                 'confusion': 'confusion.png', 'localization_json': 'localization.json',
                 'localization_csv': 'localization.csv', 'heatmaps': 'heatmaps',
                 'localization_overlays': 'localization', 'thresholds': 'thresholds.csv',
                 'cv_folds': 'folds.csv', 'activations': 'activations',
-                'segmentation_overlays': 'segmentation'}
+                'segmentation_overlays': 'segmentation', 'anchor': 'anchor.png',
+                'alignment': 'alignment.png', 'disease_masks': 'disease_masks'}
 _PREDICTIONS = 'predictions'
 _ERROR_LOG = 'error.log'
 # Paper 004's segmentation: the `segment` stage's mask cache (cxr_jax/data/mask_cache.py owns
@@ -394,6 +411,92 @@ class Run:
     path = self.segmentation_file(stage, split)
     return read_json(path, f'the {split!r} segmentation metrics of stage {stage!r}') \
         if path.exists() else None
+
+  # ---------------------------------------------------------------------------- paper 002
+  @property
+  def anchor_file(self) -> epath.Path:
+    return self.root.joinpath(*_ANCHOR)
+
+  @property
+  def anchor_png(self) -> epath.Path:
+    return self.root.joinpath(*_ANCHOR_PNG)
+
+  def write_anchor(self, anchor: np.ndarray, image_ids: list[str], requested: int,
+                   png: bytes) -> None:
+    """The anchor image [P, P, C] (model-input values), the ids averaged, N asked for."""
+    atomic_write_files({self.anchor_file: npz_bytes(
+        anchor=np.asarray(anchor, np.float32), image_ids=np.asarray(image_ids),
+        requested=np.int64(requested)), self.anchor_png: png})
+
+  def read_anchor(self) -> dict[str, Any]:
+    """{'anchor' [P, P, C], 'image_ids', 'requested'} the anchor stage wrote."""
+    path = self.anchor_file
+    if not path.exists():
+      raise LayoutError(f'{path}: not found; expected the anchor image (run the anchor stage '
+                        f'of {self.root} first).')
+    with np.load(path) as f:
+      return {'anchor': f['anchor'], 'image_ids': [str(s) for s in f['image_ids']],
+              'requested': int(f['requested'])}
+
+  def align_file(self, stage: str, kind: str) -> epath.Path:
+    """align/<file> of kind 'transforms', 'summary' or 'figure'."""
+    names = {'transforms': _ALIGN_TRANSFORMS, 'summary': _ALIGN_SUMMARY,
+             'figure': _ALIGN_FIGURE}
+    return self.root / stage / names[kind]
+
+  @property
+  def align_transforms_file(self) -> epath.Path:
+    return self.align_file('align', 'transforms')
+
+  def write_align_transforms(self, image_ids: list[str], splits: list[str], params: np.ndarray,
+                             matrices: np.ndarray) -> None:
+    atomic_write_npz(self.align_transforms_file, image_ids=np.asarray(image_ids),
+                     splits=np.asarray(splits), params=np.asarray(params, np.float32),
+                     matrices=np.asarray(matrices, np.float32))
+
+  def read_align_transforms(self) -> tuple[list[str], np.ndarray]:
+    """(image ids, sampling matrices [N, 2, 3]) the align stage wrote."""
+    path = self.align_transforms_file
+    if not path.exists():
+      raise LayoutError(f'{path}: not found; expected the per-image transforms of the align '
+                        f'stage (run it first: --stages=anchor,align).')
+    with np.load(path) as f:
+      return [str(s) for s in f['image_ids']], f['matrices']
+
+  def disease_masks_file(self, stage: str, kind: str = 'npz') -> epath.Path:
+    """<masks stage>/disease_masks.{npz,png,json}."""
+    names = {'npz': _DISEASE_MASKS, 'png': _DISEASE_MASKS_PNG, 'json': _DISEASE_MASKS_JSON}
+    return self.root / stage / names[kind]
+
+  def write_disease_masks(self, stage: str, arrays: dict[str, np.ndarray],
+                          summary: dict[str, Any], png: bytes) -> None:
+    atomic_write_files({self.disease_masks_file(stage, 'npz'): npz_bytes(**arrays),
+                        self.disease_masks_file(stage, 'json'): json_text(summary),
+                        self.disease_masks_file(stage, 'png'): png})
+
+  def read_disease_masks(self, stage: str) -> dict[str, Any]:
+    """{'masks' [K, P, P], 'classes', ...} written by a disease-mask stage."""
+    path = self.disease_masks_file(stage)
+    if not path.exists():
+      raise LayoutError(f'{path}: not found; expected disease masks (run the {stage!r} stage '
+                        f'of {self.root} first).')
+    with np.load(path) as f:
+      out = {k: f[k] for k in f.files}
+    out['classes'] = [str(c) for c in out['classes']]
+    return out
+
+  def write_align_results(self, summary: dict[str, Any], figure_png: bytes) -> None:
+    atomic_write_files({self.align_file('align', 'summary'): json_text(summary),
+                        self.align_file('align', 'figure'): figure_png})
+
+  def read_align_summary(self) -> dict[str, Any] | None:
+    """align/alignment.json (anchor-to-image error before/after), or None."""
+    path = self.align_file('align', 'summary')
+    return read_json(path, 'the align stage summary') if path.exists() else None
+
+  def read_disease_masks_summary(self, stage: str) -> dict[str, Any] | None:
+    path = self.disease_masks_file(stage, 'json')
+    return read_json(path, f'the summary of the {stage!r} stage') if path.exists() else None
 
   # ---------------------------------------------------------------------------- outputs
   @property

@@ -24,7 +24,8 @@ Printed to stdout (Markdown):
   defined AUROC). The best value of each row is bold (ties: all bold).
 - Summary metrics in a second table: F1 and binary accuracy at the models' thresholds.
 - Localisation tables (`cxr_jax.reporting.localization_markdown`) for the columns whose
-  localize stage ran.
+  localize stage ran, after paper 002's Table 4 (AUROC on the eight box classes and their
+  mean) when any column has them.
 
 --reference=paper004 appends paper 004's published Table 2 (AUROC of DCNN, CheXNet, Ours w/o
 F_l, Ours) beside our columns and its Table 3 (mean CAM IoU of FE, FE w/o MA; the means of its
@@ -365,7 +366,10 @@ def comparison_table(columns: Sequence[Column], split: str = 'test') -> str:
            '## Columns', '', *(_column_note(col) for col in columns), '']
   located = _localization_results(columns)
   if located:
-
+    from cxr_jax.data.labels import BOX_CLASSES
+    parts += ['## Table 4: AUROC on the eight classes with boxes (paper 002)', '',
+              reporting.box_class_auroc_markdown({col.label: col.metrics for col in columns},
+                                                 BOX_CLASSES), '']
     absent = [col.label for col in columns if col.localization is None]
     if absent:
       parts += [f'No localisation results for: {", ".join(absent)}.', '']

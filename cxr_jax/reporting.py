@@ -511,3 +511,121 @@ def paper004_reference_markdown(aurocs: Mapping[str, Mapping[str, Any]],
             'peaks and keeps the best IoU. The paper\'s text gives means (0.3014 vs 0.2437) '
             'that differ from the means of its own rows (0.2870 vs 0.2312); both are shown.', '']
   return '\n'.join(parts)
+
+# ------------------------------------------------------------------------------ paper 002
+def display_image(image: np.ndarray) -> np.ndarray:
+  """A model input [H, W, C] (any normalisation) -> grey [H, W] in [0, 1] for figures."""
+  grey = np.asarray(image, np.float64).mean(axis=-1) if np.ndim(image) == 3 else np.asarray(
+      image, np.float64)
+  lo, hi = float(grey.min()), float(grey.max())
+  return (grey - lo) / (hi - lo) if hi > lo else np.zeros_like(grey)
+
+
+def anchor_figure(anchor: np.ndarray, used: int, requested: int) -> Figure:
+  """The anchor image (paper 002, Fig. 5): the mean of `used` 'No Finding' images."""
+  fig = Figure(figsize=(3.6, 3.9), layout='constrained')
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  ax.imshow(display_image(anchor), cmap='gray')
+  ax.set_title(f'anchor: mean of {used} normal images' +
+               (f'\n(asked for {requested})' if used < requested else ''), fontsize=9)
+  ax.axis('off')
+  return fig
+
+
+def alignment_figure(anchor: np.ndarray, originals: np.ndarray, aligned: np.ndarray,
+                     ids: Sequence[str]) -> Figure:
+  """Paper 002 Fig. 4: (a) original images, (b) the same aligned; the anchor on the left.
+
+  originals, aligned: [N, H, W, C] model inputs; the anchor [H, W, C]. Each image has the
+  anchor's outline (its edges) drawn over it in red so that the alignment can be judged.
+  """
+  n = len(originals)
+  fig = Figure(figsize=(2.1 * (n + 1), 4.6), layout='constrained')
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(2, n + 1, squeeze=False)
+  a = display_image(anchor)
+  edges = np.hypot(*np.gradient(a))
+  outline = np.ma.masked_less(edges, np.percentile(edges, 90))
+  for row, (images, label) in enumerate(((originals, '(a) original'), (aligned, '(b) aligned'))):
+    axes[row, 0].imshow(a, cmap='gray')
+    axes[row, 0].set_title('anchor' if row == 0 else '', fontsize=8)
+    axes[row, 0].set_ylabel(label)
+    for i in range(n):
+      ax = axes[row, i + 1]
+      ax.imshow(display_image(images[i]), cmap='gray')
+      ax.imshow(outline, cmap='autumn', alpha=0.5)
+      if row == 0:
+        ax.set_title(str(ids[i])[:22], fontsize=6)
+    for ax in axes[row]:
+      ax.set_xticks([])
+      ax.set_yticks([])
+  axes[0, 0].set_ylabel('(a) original')
+  axes[1, 0].set_ylabel('(b) aligned')
+  return fig
+
+
+def disease_masks_figure(masks: np.ndarray, classes: Sequence[str], counts: Sequence[int | None],
+                         background: np.ndarray | None, title: str) -> Figure:
+  """Paper 002 Fig. 3 (or Fig. 7 for pseudo masks): one panel per class with a mask, the mask
+  in jet over the anchor; the title gives the number of images that entered it."""
+  shown = [k for k in range(len(classes)) if np.any(masks[k] > 0)] or list(range(len(classes)))
+  ncols = min(4, len(shown))
+  nrows = -(-len(shown) // ncols)
+  fig = Figure(figsize=(2.8 * ncols, 3.0 * nrows + 0.4), layout='constrained')
+  FigureCanvasAgg(fig)
+  for i, k in enumerate(shown):
+    ax = fig.add_subplot(nrows, ncols, i + 1)
+    if background is not None:
+      ax.imshow(display_image(background), cmap='gray')
+    ax.imshow(np.ma.masked_equal(masks[k], 0), cmap='jet', vmin=0, vmax=1,
+              alpha=0.55 if background is not None else 1.0)
+    n = counts[k]
+    ax.set_title(f'{classes[k]}' + ('' if n is None or n < 0 else f' (n={n})'), fontsize=9)
+    ax.axis('off')
+  fig.suptitle(title, fontsize=10)
+  return fig
+
+
+def alignment_markdown(summary: Mapping[str, Any]) -> str:
+  """The align stage's numbers: anchor-to-image error before/after, transform statistics."""
+  e = summary['error']
+  rows = [[name, fmt(e['before'][key], 4), fmt(e['after'][key], 4),
+           fmt(e['after'][key] - e['before'][key], 4)]
+          for key, name in (('sharp', 'sharp images'), ('smoothed', 'smoothed, B(G(.))'))]
+  stats = summary['params']
+  prow = [[n, fmt(stats[n]['mean'], 3), fmt(stats[n]['std'], 3), fmt(stats[n]['min'], 3),
+           fmt(stats[n]['max'], 3)] for n in stats]
+  return '\n'.join([
+      f'Anchor-to-image error on the {summary["error_split"]!r} split ({e["num_images"]} '
+      'images): mean over images of the per-pixel L2 distance to the anchor (eq. 8 divided by '
+      'the number of pixels), before and after the alignment.', '',
+      md_table(['', 'before', 'after', 'change'], rows), '',
+      f'Transform parameters over {summary["num_images"]} images ({", ".join(summary["splits"])}):',
+      '', md_table(['parameter', 'mean', 'std', 'min', 'max'], prow), ''])
+
+
+def disease_masks_markdown(summary: Mapping[str, Any]) -> str:
+  """How many images entered each class's mask, and what happened to classes without one."""
+  rows = []
+  for c, s in summary['per_class'].items():
+    rows.append([c, str(s.get('positives', '—')), str(s.get('images', '—')),
+                 fmt(s.get('mask_mean'), 3), fmt(s.get('mask_area'), 3), s.get('note', '')])
+  return '\n'.join([
+      md_table(['Class', 'positives', 'images in the mask (N_c)', 'mean psi', 'area psi > 0',
+                'note'], rows), ''])
+
+
+def box_class_auroc_markdown(results: Mapping[str, Mapping[str, Any]],
+                             box_classes: Sequence[str]) -> str:
+  """Paper 002 Table 4: AUROC on the eight classes with boxes, one row per model, and their
+  mean (over the classes with a defined AUROC)."""
+  present = [c for c in box_classes if any(c in m['auroc'] for m in results.values())]
+  heads = [localization.ABBREVIATIONS.get(c, c) for c in present]
+  rows = []
+  for name, m in results.items():
+    values = [m['auroc'].get(c) for c in present]
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    rows.append([name, *(fmt(v, 2) for v in values),
+                 fmt(float(np.mean(defined)) if defined else None, 2)])
+  return md_table(['Model', *heads, 'Mean'], rows)

@@ -37,6 +37,9 @@ Features = dict[str, Any]
 Op = Callable[[Features], Features]
 
 OPS: Registry[Callable[..., Op]] = Registry('preprocessing op')
+# Features an op reads besides 'image' (op name -> keys), e.g. paper 002's `align` needs
+# 'image_id': the input pipeline reads them for pp strings that use such an op.
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {}
 
 SEED_KEY = '_seed'
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -96,6 +99,14 @@ def parse_pp(pp: str) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
       raise ValueError(f'Cannot parse preprocessing op {spec!r} in pp string "{pp}": {e}') from None
     specs.append((node.func.id, args, kwargs))
   return specs
+
+
+def required_keys(pp: str) -> tuple[str, ...]:
+  """The features the ops of `pp` read besides the image (`REQUIRED_KEYS`), in order."""
+  keys: list[str] = []
+  for name, _, _ in parse_pp(pp):
+    keys += [k for k in REQUIRED_KEYS.get(name, ()) if k not in keys]
+  return tuple(keys)
 
 
 def get_preprocess_fn(pp: str) -> Op:
@@ -637,3 +648,7 @@ def label_from_findings(classes: Sequence[str] = (), key: str = 'label') -> Op:
     return features
 
   return op
+
+
+# Paper 002's alignment ops register themselves (they build on the helpers above).
+from cxr_jax.data import align_ops  # noqa: E402,F401

@@ -180,7 +180,8 @@ def _read(
   config.data.classes, each repeated 1 + copies[image_id] times if `copies`, 'masks' (PNG
   bytes) from the cache `masks` if given, and the element count from a pass that decodes no
   image. `split` HOLDOUT_SPLIT reads the held-out part of the train split, and the train split
-  itself is read without it (config.data.validation_holdout).
+  itself is read without it (config.data.validation_holdout). `keys` should include what the
+  pp ops read (`_with_pp_keys`).
   """
   ids = load_split_ids(_get(data_cfg, 'split_ids', ''), split)
   if ids is not None:
@@ -390,9 +391,11 @@ def batch_keys(data_cfg: Any) -> tuple[str, ...]:
   return tuple(keys)
 
 
-def _with_pp_keys(data_cfg: Any, keys: tuple[str, ...]) -> tuple[str, ...]:
-  """`keys` and the preprocessing-only features of config.data.pp_keys (read, not batched)."""
-  return tuple(keys) + tuple(k for k in _get(data_cfg, 'pp_keys', ()) if k not in keys)
+def _with_pp_keys(data_cfg: Any, keys: tuple[str, ...], pp: str = '') -> tuple[str, ...]:
+  """`keys`, the preprocessing-only features of config.data.pp_keys and those the ops of `pp`
+  read (`ops.REQUIRED_KEYS`, e.g. 'image_id' for paper 002's `align`): read, not batched."""
+  extra = (*_get(data_cfg, 'pp_keys', ()), *ops.required_keys(pp))
+  return tuple(keys) + tuple(dict.fromkeys(k for k in extra if k not in keys))
 
 
 def make_train_iter(
@@ -414,7 +417,8 @@ def make_train_iter(
   extra = _get(data_cfg, 'extra_copies', '')
   copies = load_extra_copies(extra) if extra else None
   keys = batch_keys(data_cfg)
-  keys_read = _with_pp_keys(data_cfg, keys)
+  pp = _get(data_cfg, 'pp_train', '')
+  keys_read = _with_pp_keys(data_cfg, keys, pp)
   masks = open_mask_cache(data_cfg, keys_read, builder)
   base, n = _read(builder, split, data_cfg, keys_read, copies, masks)
   logging.info('Process %d/%d reads %s of %r for training: %d examples.', jax.process_index(),
@@ -446,7 +450,6 @@ def make_train_iter(
   first_epoch, offset = divmod(start_step * batch, n)
   ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch)
   ds = ds.enumerate(start=first_epoch * n).skip(offset)  # Skip before decoding: cheap.
-  pp = _get(data_cfg, 'pp_train', '')
   ds = ds.map(
     _preprocess_map(builder, pp, keys, augment_root, masks),
     num_parallel_calls=tf.data.AUTOTUNE,
@@ -539,12 +542,12 @@ def make_eval_iter(data_cfg: Any, split: str, *, global_batch_size: int) -> Eval
   batch = local_batch_size(global_batch_size)
   builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
   keys = (*batch_keys(data_cfg), 'image_id')
-  keys_read = _with_pp_keys(data_cfg, keys)
+  pp = _get(data_cfg, 'pp_eval', '')
+  keys_read = _with_pp_keys(data_cfg, keys, pp)
   masks = open_mask_cache(data_cfg, keys_read, builder)
   ds, n = _read(builder, split, data_cfg, keys_read, masks=masks)
   # Seeds only matter if pp_eval has random ops; fixed ones keep evaluation repeatable.
   root = tf.constant([0, jax.process_index()], tf.int64)
-  pp = _get(data_cfg, 'pp_eval', '')
   ds = ds.enumerate().map(
     _preprocess_map(builder, pp, keys, root, masks),
     num_parallel_calls=tf.data.AUTOTUNE,
@@ -629,3 +632,53 @@ def iterate_split(data_cfg: Any, split: str, pp: str, *, batch_size: int, start:
       yield {'image_id': [s.decode('utf-8') for s in b['image_id']], 'image': b['image']}
 
   return n, size, batches()
+
+
+def split_image_ids(data_cfg: Any, split: str, *, no_finding_only: bool = False) -> list[str]:
+  """The image ids of a whole split in file order (every host sees all of them), optionally
+  only the 'No Finding' images (the `no_finding` feature: no label at all). Decodes no image."""
+  tf_devices.hide_accelerators()
+  builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
+  if split not in builder.info.splits:
+    raise ValueError(f'{_name(data_cfg)!r} has no split {split!r}; it has '
+                     f'{sorted(builder.info.splits)}.')
+  if no_finding_only and 'no_finding' not in builder.info.features:
+    raise ValueError(f"{_name(data_cfg)!r} has no 'no_finding' feature to select normal images.")
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={k: tfds.decode.SkipDecoding() for k in ENCODED_KEYS
+                                    if k in builder.info.features})
+  if no_finding_only:
+    ds = ds.filter(lambda f: f['no_finding'])
+  ds = ds.map(lambda f: f['image_id'], num_parallel_calls=tf.data.AUTOTUNE)
+  return [s.decode('utf-8') for s in ds.with_options(_options()).as_numpy_iterator()]
+
+
+def iterate_images(data_cfg: Any, split: str, pp: str, image_ids: Any = None, *,
+                   batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of a whole split (or of its `image_ids` only) preprocessed by `pp`, in file order,
+  on this host alone (for stages that process 0 runs): {'image_id': str [b], 'image': float32
+  [b, H, W, C], 'labels': float32 [b, K] (config.data.classes)}; the last batch is smaller."""
+  tf_devices.hide_accelerators()
+  builder = get_builder(_name(data_cfg), _get(data_cfg, 'data_dir', None))
+  if split not in builder.info.splits:
+    raise ValueError(f'{_name(data_cfg)!r} has no split {split!r}; it has '
+                     f'{sorted(builder.info.splits)}.')
+  keys = _with_pp_keys(data_cfg, ('image', 'labels', 'image_id'), pp)
+  decoders = {k: tfds.decode.SkipDecoding() for k in ENCODED_KEYS if k in builder.info.features}
+  ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+  idx = tf.constant(class_indices(tuple(_get(data_cfg, 'classes', NIH_CLASSES))), tf.int32)
+  ds = ds.map(lambda f: {k: tf.gather(f[k], idx) if k == 'labels' else f[k] for k in keys},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  if image_ids is not None:
+    wanted = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(list(image_ids), tf.string),
+                                          tf.ones([len(image_ids)], tf.int64)),
+      default_value=np.int64(0))
+    ds = ds.filter(lambda f: wanted.lookup(f['image_id']) > 0)
+  root = tf.constant([0, 0], tf.int64)
+  ds = ds.enumerate().map(_preprocess_map(builder, pp, ('image', 'labels', 'image_id'), root),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size).prefetch(2).with_options(_options())
+  for batch in ds.as_numpy_iterator():
+    yield {'image_id': np.array([s.decode('utf-8') for s in batch['image_id']]),
+           'image': batch['image'], 'labels': batch['labels']}

@@ -16,6 +16,9 @@ Two switches beyond torchvision:
 - `head='space_attention'` replaces GAP + `fc` by paper 001's space attention head
   (cxr_jax/attention/space_attention.py; `sam_pool` picks Fig. 4's placement of the pooling,
   `sam_normalize` ParseNet's branch normalisation, `sam_init` the classifier's initialisation).
+- `head='disease_masks'` is paper 002's DM attention (cxr_jax/attention/disease_masks.py): GAP
+  + dense on f'_c = psi_c f + f per class, psi = `disease_masks` [h, w, K] fixed; its
+  parameters are `fc`'s, so a gap_dense classifier's checkpoint loads unchanged.
 - `replace_stride_with_dilation=(False, False, True)` keeps layer4 at stride 16 with dilated 3x3
   convolutions (torchvision's option of the same name): a finer last feature map for heat maps
   (14 x 14 at 224 px) with the same parameters.
@@ -36,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxr_jax.attention import disease_masks as dm
 from cxr_jax.attention import space_attention
 from cxr_jax.attention.squeeze_excite import SqueezeExcite
 from cxr_jax.models import MODELS
@@ -156,6 +160,8 @@ class ResNet(nn.Module):
     sam_normalize: the space attention head L2-normalises and scales each branch (ParseNet).
     sam_init: its classifier init: 'tied' (W_l = W_g), 'zeros' or 'lecun' (independent halves).
     sam_norm_scale: initial branch scale when `sam_normalize`.
+    disease_masks: psi [h, w, K] of the 'disease_masks' head (paper 002), at the feature map's
+      resolution (nested sequences; written into the config by the train_dm stage).
     replace_stride_with_dilation: per stage 2-4, dilate instead of striding (torchvision).
     dtype: compute dtype; parameters stay float32, logits are float32.
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
@@ -172,6 +178,7 @@ class ResNet(nn.Module):
   sam_normalize: bool = False
   sam_init: str = 'tied'
   sam_norm_scale: float = space_attention.NORM_SCALE_INIT
+  disease_masks: Any = ()
   replace_stride_with_dilation: Sequence[bool] = (False, False, False)
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
@@ -217,6 +224,11 @@ class ResNet(nn.Module):
           classifier_init=self.sam_init, norm_scale_init=self.sam_norm_scale, dtype=self.dtype,
           name='space_attention')(x)
       return (logits, features) if return_features else logits
+    if self.head == 'disease_masks':
+      logits = dm.DiseaseMaskHead(self.num_classes, self.disease_masks, dtype=self.dtype,
+                                  name='fc')(x)
+      logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32))
+      return (logits, features) if return_features else logits
     x = jnp.mean(x, axis=(1, 2))
     self.sow('intermediates', 'pooled', x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
@@ -224,7 +236,7 @@ class ResNet(nn.Module):
     return (logits, features) if return_features else logits
 
 
-HEADS = ('gap_dense', 'space_attention')
+HEADS = ('gap_dense', 'space_attention', 'disease_masks')
 
 
 def head_fn(model: ResNet, variables: dict) -> Callable[[jax.Array], jax.Array]:
@@ -232,6 +244,8 @@ def head_fn(model: ResNet, variables: dict) -> Callable[[jax.Array], jax.Array]:
   space attention head), what feature-level explanations (PDA, Grad-CAM) re-evaluate."""
   if model.head == 'space_attention':
     return _space_attention_fn(model, variables, score_map=False)
+  if model.head == 'disease_masks':
+    return dm.head_fns(model.dtype, variables, model.disease_masks)[0]
   return gap_dense_head_fn(model.dtype, variables, 'fc')
 
 
@@ -240,6 +254,8 @@ def score_map_fn(model: ResNet, variables: dict) -> Callable[[jax.Array], jax.Ar
   CAM (+ bias) for GAP + `fc`, the space attention head's class score map otherwise."""
   if model.head == 'space_attention':
     return _space_attention_fn(model, variables, score_map=True)
+  if model.head == 'disease_masks':
+    return dm.head_fns(model.dtype, variables, model.disease_masks)[1]
   return gap_dense_score_map_fn(model.dtype, variables, 'fc')
 
 

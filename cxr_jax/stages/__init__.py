@@ -13,6 +13,7 @@ resumes from its own checkpoints.
 - activations.py: `activations` (paper 003's filter, activation and heat map figures).
 - segmentation.py: paper 004's `evaluate_segmentation` (Dice/Jaccard) and `segment` (the
   mask cache a classifier reads); `train_segmenter` is in training.py.
+- alignment.py, disease_masks.py: paper 002's anchor, alignment and disease-mask stages.
 - report.py: the report of everything above, written in one go.
 """
 
@@ -27,10 +28,12 @@ from absl import logging
 from etils import epath
 
 from cxr_jax import errors, layout, preemption
-from cxr_jax.config_lib import stage_config
+from cxr_jax.config_lib import expand_workdir, stage_config
 from cxr_jax.stages import (
   activations,
+  alignment,
   cross_validation,
+  disease_masks,
   evaluation,
   explain,
   localize,
@@ -41,9 +44,9 @@ from cxr_jax.stages import (
 )
 from cxr_jax.stages.base import STAGES, StageFn, is_chief
 
-__all__ = ['STAGES', 'StageFn', 'activations', 'cross_validation', 'evaluation', 'explain',
-           'is_chief', 'localize', 'ood', 'report', 'run', 'segmentation', 'stage_config',
-           'training']
+__all__ = ['STAGES', 'StageFn', 'activations', 'alignment', 'cross_validation', 'disease_masks',
+           'evaluation', 'explain', 'is_chief', 'localize', 'ood', 'report', 'run',
+           'segmentation', 'stage_config', 'training']
 
 
 def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
@@ -76,6 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.Path,
         only: Sequence[str] | None = None, rerun: bool = False) -> None:
   """Runs `config.stages` (or the subset `only`, in config order), skipping finished ones."""
   workdir = epath.Path(workdir)
+  config = expand_workdir(config, workdir)  # '{workdir}' in config strings -> this run
   run_dir = layout.Run(workdir)
   unknown = [s for s in (only or []) if s not in config.stages]
   if unknown:

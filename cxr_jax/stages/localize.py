@@ -52,7 +52,7 @@ def match_records(example: dict[str, Any], probs: np.ndarray,
   h, w = example['image'].shape[:2]
   records, skipped = [], 0
   for bbox, c in zip(example['boxes'], example['box_classes'], strict=True):
-    if c not in class_names:
+    if c not in class_names or class_names.index(c) not in found:  # not a scored class
       continue
     gt = localization.box_from_normalized(bbox, h, w)
     if gt[2] <= 0 or gt[3] <= 0:
@@ -74,13 +74,15 @@ def localize_model(predictor: inference.Predictor, examples: Iterable[dict[str, 
   metrics."""
   settings = boxes_lib.BoxSettings.from_config(cfg.boxes)
   class_names = list(predictor.class_names)
+  # config.localize.classes: score only these (paper 002's eight box classes); () = all.
+  scored = [c for c in class_names if c in (cfg.get('classes') or class_names)]
   thresholds = predictor.thresholds
   records, skipped, shown, n_images = [], 0, 0, 0
   for batch in _batches(examples, cfg.batch_size):
     images = np.stack([ex['image'] for ex in batch])
     # Boxes only for the classes scored below: which classes are drawn depends on the ground
     # truth, the boxes of a class never do.
-    wanted = [{class_names.index(c) for c in ex['box_classes'] if c in class_names}
+    wanted = [{class_names.index(c) for c in ex['box_classes'] if c in scored}
               for ex in batch]
     probs, maps, found = inference.predict_boxes(predictor, images, method=cfg.method,
                                                  settings=settings, classes=wanted)
@@ -97,7 +99,7 @@ def localize_model(predictor: inference.Predictor, examples: Iterable[dict[str, 
     raise ValueError(f'no ground-truth box of the classes {class_names} in the split '
                      f'{cfg.split!r}')
   metrics = localization.localization_metrics(
-      records, class_names, iou_thresholds=tuple(cfg.iou_thresholds),
+      records, scored, iou_thresholds=tuple(cfg.iou_thresholds),
       require_prediction=cfg.require_prediction)
   metrics.update(method=cfg.method, boxes=settings.to_dict(), split=cfg.split,
                  num_images=n_images, num_boxes_skipped=skipped)

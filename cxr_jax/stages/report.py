@@ -16,6 +16,7 @@ from etils import epath
 
 from cxr_jax import config_lib, layout, reporting
 from cxr_jax.io_utils import atomic_write_files, json_text
+from cxr_jax.stages import disease_masks
 from cxr_jax.stages.base import STAGES, is_chief
 
 
@@ -133,7 +134,7 @@ def report_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
     files[run.report_file('metrics')] = lambda: json_text(
         {**json.loads(produced['metrics']()), 'segmentation': seg_metrics}, sort_keys=False)
   sections = [_localization_section(config, run, files), _heatmaps_section(run, files),
-              segmentation]
+              segmentation, disease_masks.report_section(config, run, results, files)]
   if thresholds:
     files[run.report_file('thresholds')] = reporting.thresholds_csv(thresholds)
     sections.insert(0, '\n' + reporting.thresholds_markdown(results, thresholds, classes))

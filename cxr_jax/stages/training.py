@@ -3,9 +3,11 @@
 import copy
 
 import ml_collections
+from absl import logging
 from etils import epath
 
 from cxr_jax import config_lib, layout, train
+from cxr_jax.stages import disease_masks
 from cxr_jax.stages.base import STAGES, StageFn
 
 
@@ -37,3 +39,24 @@ def train_hard_examples_stage(config: ml_collections.ConfigDict, workdir: epath.
   with cfg.unlocked():
     cfg.data.extra_copies = str(run.hard_examples_file)
   train.train_and_evaluate(cfg, run.stage_dir('train_hard_examples'))
+
+
+# Paper 002: the ResNet-50 trained first on the unaligned data, whose features the alignment's
+# perceptual loss uses (config.stage_overrides.train_loss_network holds its data settings).
+@STAGES.register('train_loss_network')
+def train_loss_network_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Trains the loss network in train_loss_network/, unless config.align.loss_network names
+  another one (then this stage has nothing to do)."""
+  if config.align.loss_network != 'train_loss_network':
+    logging.info('train_loss_network: skipped, config.align.loss_network=%r.',
+                 config.align.loss_network)
+    return
+  _train_stage('train_loss_network')(config, workdir)
+
+
+@STAGES.register('train_dm')
+def train_dm_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Paper 002: retrains the classifier with DM attention (f'_c = psi_c f + f) in train_dm/,
+  psi from the artefact of `config.disease_masks.attention_from` (stages/disease_masks.py)."""
+  train.train_and_evaluate(disease_masks.dm_train_config(config, workdir),
+                           layout.Run(workdir).stage_dir('train_dm'))
