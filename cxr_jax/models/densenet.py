@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxr_jax.models import MODELS
+from cxr_jax.models.conv import Conv
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
 from cxr_jax.models.resnet import batch_norm, convert_torchvision
 
@@ -41,10 +42,10 @@ DENSENET_CONFIGS: dict[str, tuple[int, tuple[int, ...], int]] = {
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 
-def _conv(features: int, k: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, k: int, stride: int, dtype: Any, name: str, impl: str = 'xla') -> Conv:
   # Symmetric k // 2 padding as torch's, not 'SAME' (which pads (2, 3) for the 7x7/2 stem).
-  return nn.Conv(features, (k, k), strides=stride, padding=((k // 2, k // 2),) * 2,
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+  return Conv(features, (k, k), strides=stride, padding=((k // 2, k // 2),) * 2,
+              use_bias=False, kernel_init=conv_init, dtype=dtype, impl=impl, name=name)
 
 
 class DenseLayer(nn.Module):
@@ -55,13 +56,14 @@ class DenseLayer(nn.Module):
   drop_rate: float = 0.0
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     y = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm1', train)(x))
-    y = _conv(self.bn_size * self.growth_rate, 1, 1, self.dtype, 'conv1')(y)
+    y = _conv(self.bn_size * self.growth_rate, 1, 1, self.dtype, 'conv1', self.conv_impl)(y)
     y = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm2', train)(y))
-    y = _conv(self.growth_rate, 3, 1, self.dtype, 'conv2')(y)
+    y = _conv(self.growth_rate, 3, 1, self.dtype, 'conv2', self.conv_impl)(y)
     return nn.Dropout(self.drop_rate, deterministic=not train)(y)
 
 
@@ -74,12 +76,13 @@ class DenseBlock(nn.Module):
   drop_rate: float = 0.0
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(1, self.num_layers + 1):
       y = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.bn_axis_name,
-                     self.dtype, name=f'denselayer{i}')(x, train=train)
+                     self.dtype, conv_impl=self.conv_impl, name=f'denselayer{i}')(x, train=train)
       x = jnp.concatenate([x, y], axis=-1)
     return x
 
@@ -90,11 +93,12 @@ class Transition(nn.Module):
   features: int
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm', train)(x))
-    x = _conv(self.features, 1, 1, self.dtype, 'conv')(x)
+    x = _conv(self.features, 1, 1, self.dtype, 'conv', self.conv_impl)(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -110,6 +114,8 @@ class DenseNet(nn.Module):
     drop_rate: dropout after every dense layer (torchvision's default 0).
     dtype: compute dtype; parameters stay float32, logits are float32.
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
+    conv_impl: how convolutions are computed ('auto': 1x1 convolutions as matmuls on the CPU,
+      where XLA's convolution gradients are slow; see cxr_jax/models/conv.py); same parameters.
   """
 
   num_classes: int
@@ -120,6 +126,7 @@ class DenseNet(nn.Module):
   drop_rate: float = 0.0
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
@@ -130,18 +137,19 @@ class DenseNet(nn.Module):
     the map after `norm5` and ReLU (1024 channels for DenseNet-121).
     """
     x = x.astype(self.dtype)
-    x = _conv(self.num_init_features, 7, 2, self.dtype, 'conv0')(x)
+    x = _conv(self.num_init_features, 7, 2, self.dtype, 'conv0', self.conv_impl)(x)
     x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm0', train)(x))
     self.sow('intermediates', 'stem', x)
     # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_layers in enumerate(self.block_config, start=1):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
-                     self.bn_axis_name, self.dtype, name=f'dense_block{i}')(x, train=train)
+                     self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,
+                     name=f'dense_block{i}')(x, train=train)
       self.sow('intermediates', f'denseblock{i}', x)
       if i < len(self.block_config):
         x = Transition(x.shape[-1] // 2, self.bn_axis_name, self.dtype,
-                       name=f'transition{i}')(x, train=train)
+                       conv_impl=self.conv_impl, name=f'transition{i}')(x, train=train)
     x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm5', train)(x))
     self.sow('intermediates', 'features', x)
     features = x
