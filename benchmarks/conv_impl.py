@@ -9,6 +9,7 @@ processes on a shared machine hits all columns alike; each column reports its fa
   python benchmarks/conv_impl.py                                # 224 px, batch 16, fp32
   python benchmarks/conv_impl.py --models=resnet50 --rounds=3 --json out.json
   python benchmarks/conv_impl.py --impls=xla,matmul --no_torch
+  python benchmarks/conv_impl.py --models=mobilenet_v1 --impls=xla,matmul
 
 Columns: img/s per impl, its ratio to torch (and torch channels_last with
 `--channels_last`), the speed-up of the best impl over 'xla', compile seconds.
@@ -68,7 +69,12 @@ def torch_step(name: str, size: int, batch: int, channels_last: bool) -> Any:
   import torchvision  # noqa: PLC0415
 
   torch.set_num_threads(os.cpu_count())
-  model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
+  if name == 'mobilenet_v1':  # no torchvision model: the same layer stack in torch.nn
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import backbones  # noqa: PLC0415
+    model = backbones._torch_mobilenet_v1(torch, NUM_CLASSES)
+  else:
+    model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
   x = torch.randn(batch, 3, size, size)
   y = (torch.rand(batch, NUM_CLASSES) < 0.2).float()
   if channels_last:

@@ -68,6 +68,8 @@ def main() -> None:
   parser.add_argument('--data_dir', default='/tmp/cxr_jax_bench_tfds')
   parser.add_argument('--manual_dir', default='/work/shared/data/nih_bbox',
                       help='the sample folder cxr_samples/nih_bbox is built from')
+  parser.add_argument('--split', default='test', help="read as the train split (the sample's "
+                      "'train' has 9 images, 'test' 527)")
   parser.add_argument('--sizes', default='224,256,512')
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--batches', type=int, default=20)
@@ -83,14 +85,14 @@ def main() -> None:
   if not builder.is_prepared():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-  print(f'{args.data} ({builder.info.splits["train"].num_examples} train images, stored '
+  print(f'{args.data} ({builder.info.splits[args.split].num_examples} {args.split} images, stored '
         f'{builder.info.features["image"].shape}); {os.cpu_count()} CPUs; load average '
         f'{os.getloadavg()[0]:.1f}; batch {args.batch}', flush=True)
   print('size | pipeline img/s | train step img/s | pipeline / step', flush=True)
   rows = []
   for size in (int(s) for s in args.sizes.split(',')):
     cfg = {'name': args.data, 'data_dir': args.data_dir, 'pp_train': PP[size],
-           'shuffle_buffer': 64}
+           'train_split': args.split, 'shuffle_buffer': 64}
     row: dict[str, Any] = {'size': size, 'pp': PP[size], 'batch': args.batch,
                            'pipeline_img_s': pipeline_images_per_s(cfg, args.batch,
                                                                    args.batches)}

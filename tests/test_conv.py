@@ -11,7 +11,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from cxr_jax import parallel
-from cxr_jax.models import conv, densenet, resnet, vgg
+from cxr_jax.models import conv, densenet, mobilenet, resnet, vgg
 
 IMPLS = ('matmul', 'patches')
 
@@ -128,7 +128,9 @@ def _model_outputs(model, x):
                                    num_init_features=8, conv_impl=impl),
     lambda impl: vgg.VGG(num_classes=3, depths=(1, 1), widths=(4, 8), hidden=16,
                          conv_impl=impl),
-], ids=['resnet', 'densenet', 'vgg'])
+    lambda impl: mobilenet.MobileNetV1(num_classes=3, width_multiplier=0.25, conv_impl=impl,
+                                       blocks=mobilenet.MOBILENET_V1_BLOCKS[:4]),
+], ids=['resnet', 'densenet', 'vgg', 'mobilenet'])
 def test_backbones_same_parameters_logits_and_gradients_for_every_impl(build):
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)
   ref_vars, ref_logits, ref_grads = _model_outputs(build('xla'), x)
