@@ -37,6 +37,7 @@ import numpy as np
 from cxr_jax.attention.feature_weighting import weigh_features
 from cxr_jax.attention.multiscale import MultiScaleAttention
 from cxr_jax.models import MODELS
+from cxr_jax.models.conv import Conv
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
 from cxr_jax.models.resnet import batch_norm, convert_torchvision
 
@@ -52,10 +53,10 @@ DENSENET_CONFIGS: dict[str, tuple[int, tuple[int, ...], int]] = {
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 
-def _conv(features: int, k: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, k: int, stride: int, dtype: Any, name: str, impl: str = 'xla') -> Conv:
   # Symmetric k // 2 padding as torch's, not 'SAME' (which pads (2, 3) for the 7x7/2 stem).
-  return nn.Conv(features, (k, k), strides=stride, padding=((k // 2, k // 2),) * 2,
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+  return Conv(features, (k, k), strides=stride, padding=((k // 2, k // 2),) * 2,
+              use_bias=False, kernel_init=conv_init, dtype=dtype, impl=impl, name=name)
 
 
 class DenseLayer(nn.Module):
@@ -66,13 +67,14 @@ class DenseLayer(nn.Module):
   drop_rate: float = 0.0
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     y = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm1', train)(x))
-    y = _conv(self.bn_size * self.growth_rate, 1, 1, self.dtype, 'conv1')(y)
+    y = _conv(self.bn_size * self.growth_rate, 1, 1, self.dtype, 'conv1', self.conv_impl)(y)
     y = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm2', train)(y))
-    y = _conv(self.growth_rate, 3, 1, self.dtype, 'conv2')(y)
+    y = _conv(self.growth_rate, 3, 1, self.dtype, 'conv2', self.conv_impl)(y)
     return nn.Dropout(self.drop_rate, deterministic=not train)(y)
 
 
@@ -85,12 +87,13 @@ class DenseBlock(nn.Module):
   drop_rate: float = 0.0
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(1, self.num_layers + 1):
       y = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.bn_axis_name,
-                     self.dtype, name=f'denselayer{i}')(x, train=train)
+                     self.dtype, conv_impl=self.conv_impl, name=f'denselayer{i}')(x, train=train)
       x = jnp.concatenate([x, y], axis=-1)
     return x
 
@@ -101,11 +104,12 @@ class Transition(nn.Module):
   features: int
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm', train)(x))
-    x = _conv(self.features, 1, 1, self.dtype, 'conv')(x)
+    x = _conv(self.features, 1, 1, self.dtype, 'conv', self.conv_impl)(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -127,6 +131,8 @@ class DenseNet(nn.Module):
     fw_sigmoid: F_g = sigmoid(norm5 output) as the released code (else the ReLU features).
     fw_binarize: binarise the pooled global mask at 0.5 (released code's `ge(0.5)`).
     mask_channels: S, the structures of `masks` (left lung, right lung, heart).
+    conv_impl: how convolutions are computed ('auto': 1x1 convolutions as matmuls on the CPU,
+      where XLA's convolution gradients are slow; see cxr_jax/models/conv.py); same parameters.
   """
 
   num_classes: int
@@ -143,6 +149,7 @@ class DenseNet(nn.Module):
   fw_sigmoid: bool = True
   fw_binarize: bool = True
   mask_channels: int = 3
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False,
@@ -169,18 +176,19 @@ class DenseNet(nn.Module):
     if self.input_attention == 'multiscale':
       x = MultiScaleAttention(stride=self.msa_stride, dtype=self.dtype, name='msa')(x)
     x = x.astype(self.dtype)
-    x = _conv(self.num_init_features, 7, 2, self.dtype, 'conv0')(x)
+    x = _conv(self.num_init_features, 7, 2, self.dtype, 'conv0', self.conv_impl)(x)
     x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm0', train)(x))
     self.sow('intermediates', 'stem', x)
     # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_layers in enumerate(self.block_config, start=1):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
-                     self.bn_axis_name, self.dtype, name=f'dense_block{i}')(x, train=train)
+                     self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,
+                     name=f'dense_block{i}')(x, train=train)
       self.sow('intermediates', f'denseblock{i}', x)
       if i < len(self.block_config):
         x = Transition(x.shape[-1] // 2, self.bn_axis_name, self.dtype,
-                       name=f'transition{i}')(x, train=train)
+                       conv_impl=self.conv_impl, name=f'transition{i}')(x, train=train)
     x = batch_norm(self.bn_axis_name, self.dtype, 'norm5', train)(x)
     if self.feature_weighting:
       x = nn.sigmoid(x) if self.fw_sigmoid else nn.relu(x)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from cxr_jax.models import MODELS
-from cxr_jax.models.depthwise import DepthwiseConv
+from cxr_jax.models.conv import Conv
+from cxr_jax.models.depthwise import DepthwiseConv, same_padding
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
 
 # (output channels, stride) of the 13 depthwise separable blocks, Table 1 of Howard et al.
@@ -44,6 +45,7 @@ class ConvBN(nn.Module):
   dilation: int = 1  # depthwise only (a 1 x 1 convolution has nothing to dilate)
   depthwise: bool = False
   depthwise_impl: str = 'shifts'
+  conv_impl: str = 'xla'  # full and pointwise convolutions: see cxr_jax/models/conv.py
   activation: str = 'relu'
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
@@ -56,8 +58,11 @@ class ConvBN(nn.Module):
       x = DepthwiseConv(self.kernel_size, self.strides, impl=self.depthwise_impl,
                         dilation=self.dilation, dtype=self.dtype, name='conv')(x)
     else:
-      x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
-                  padding='SAME', use_bias=False, dtype=self.dtype, name='conv')(x)
+      k, s = self.kernel_size, self.strides
+      pad = tuple(same_padding(n, k, s) for n in x.shape[1:3])  # explicit 'SAME'
+      x = Conv(self.features, (k, k), strides=s, padding=pad, use_bias=False,
+               kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
+               impl=self.conv_impl, name='conv')(x)
     x = nn.BatchNorm(
         use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
@@ -80,6 +85,8 @@ class MobileNetV1(nn.Module):
     blocks: (channels, stride) per depthwise separable block.
     depthwise_impl: 'shifts' (sum of shifted slices, much faster on XLA:CPU) or 'xla'
       (grouped convolution); same parameters, same results.
+    conv_impl: how the stem and pointwise convolutions are computed ('auto': 1x1 convolutions
+      as matmuls on the CPU, see cxr_jax/models/conv.py); same parameters, same results.
     output_stride: the largest ratio of input to feature-map size (a power of 2, >= 2): blocks
       whose stride would exceed it run at stride 1 with dilated depthwise convolutions after
       them (see the module docstring). 32 (or more) changes nothing; 8 gives an 8 x 8 map at 64 px
@@ -97,6 +104,7 @@ class MobileNetV1(nn.Module):
   bn_epsilon: float = 1e-3
   blocks: Sequence[tuple[int, int]] = MOBILENET_V1_BLOCKS
   depthwise_impl: str = 'shifts'
+  conv_impl: str = 'auto'
   output_stride: int = 32
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
@@ -133,7 +141,7 @@ class MobileNetV1(nn.Module):
     if self.activation not in ACTIVATIONS:
       raise ValueError(f'MobileNetV1.activation={self.activation!r}; valid: {list(ACTIVATIONS)}')
     conv = lambda **kw: ConvBN(
-        depthwise_impl=self.depthwise_impl, activation=self.activation,
+        depthwise_impl=self.depthwise_impl, conv_impl=self.conv_impl, activation=self.activation,
         bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
         bn_axis_name=self.bn_axis_name, dtype=self.dtype, **kw)
     strides = self.block_strides()

@@ -43,6 +43,7 @@ from cxr_jax.attention import disease_masks as dm
 from cxr_jax.attention import space_attention
 from cxr_jax.attention.squeeze_excite import SqueezeExcite
 from cxr_jax.models import MODELS
+from cxr_jax.models.conv import Conv
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
 
 # Blocks per stage and block type, Table 1 of He et al.
@@ -73,12 +74,12 @@ def batch_norm(bn_axis_name: str | None, dtype: Any, name: str, train: bool) -> 
 
 # torchvision pads symmetrically (dilation * (k // 2)); 'SAME' would pad (2, 3) for a stride-2
 # 7x7 on an even input and shift every result by a pixel relative to the reference.
-def _conv(features: int, k: int, stride: int, dtype: Any, name: str, dilation: int = 1
-          ) -> nn.Conv:
+def _conv(features: int, k: int, stride: int, dtype: Any, name: str, dilation: int = 1,
+          impl: str = 'xla') -> Conv:
   p = dilation * (k // 2)
-  return nn.Conv(features, (k, k), strides=stride, padding=((p, p), (p, p)),
-                 kernel_dilation=dilation, use_bias=False, kernel_init=conv_init, dtype=dtype,
-                 name=name)
+  return Conv(features, (k, k), strides=stride, padding=((p, p), (p, p)),
+              kernel_dilation=dilation, use_bias=False, kernel_init=conv_init, dtype=dtype,
+              impl=impl, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -91,6 +92,7 @@ class BasicBlock(nn.Module):
   dilation: int = 1
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
 
   expansion = 1
 
@@ -98,9 +100,11 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     bn = lambda name: batch_norm(self.bn_axis_name, self.dtype, name, train)
     out_ch = self.features * self.expansion
-    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1', self.dilation)(x)
+    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1', self.dilation,
+              self.conv_impl)(x)
     y = nn.relu(bn('bn1')(y))
-    y = _conv(self.features, 3, 1, self.dtype, 'conv2', self.dilation)(y)
+    y = _conv(self.features, 3, 1, self.dtype, 'conv2', self.dilation,
+              self.conv_impl)(y)
     y = bn('bn2')(y)
     return _finish(self, x, y, out_ch, train)
 
@@ -115,6 +119,7 @@ class Bottleneck(nn.Module):
   dilation: int = 1
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
 
   expansion = 4
 
@@ -123,11 +128,12 @@ class Bottleneck(nn.Module):
     bn = lambda name: batch_norm(self.bn_axis_name, self.dtype, name, train)
     out_ch = self.features * self.expansion
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-    y = _conv(self.features, 1, s1, self.dtype, 'conv1')(x)
+    y = _conv(self.features, 1, s1, self.dtype, 'conv1', impl=self.conv_impl)(x)
     y = nn.relu(bn('bn1')(y))
-    y = _conv(self.features, 3, s3, self.dtype, 'conv2', self.dilation)(y)
+    y = _conv(self.features, 3, s3, self.dtype, 'conv2', self.dilation,
+              self.conv_impl)(y)
     y = nn.relu(bn('bn2')(y))
-    y = _conv(out_ch, 1, 1, self.dtype, 'conv3')(y)
+    y = _conv(out_ch, 1, 1, self.dtype, 'conv3', impl=self.conv_impl)(y)
     y = bn('bn3')(y)
     return _finish(self, x, y, out_ch, train)
 
@@ -138,7 +144,7 @@ def _finish(block: BasicBlock | Bottleneck, x: jax.Array, y: jax.Array, out_ch: 
   if block.se_reduction:
     y = SqueezeExcite(block.se_reduction, dtype=block.dtype, name='se')(y)
   if block.stride != 1 or x.shape[-1] != out_ch:
-    x = _conv(out_ch, 1, block.stride, block.dtype, 'downsample_conv')(x)
+    x = _conv(out_ch, 1, block.stride, block.dtype, 'downsample_conv', impl=block.conv_impl)(x)
     x = batch_norm(block.bn_axis_name, block.dtype, 'downsample_bn', train)(x)
   return nn.relu(x + y)
 
@@ -165,6 +171,8 @@ class ResNet(nn.Module):
     replace_stride_with_dilation: per stage 2-4, dilate instead of striding (torchvision).
     dtype: compute dtype; parameters stay float32, logits are float32.
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
+    conv_impl: how convolutions are computed ('auto': 1x1 convolutions as matmuls on the CPU,
+      where XLA's convolution gradients are slow; see cxr_jax/models/conv.py); same parameters.
   """
 
   num_classes: int
@@ -182,6 +190,7 @@ class ResNet(nn.Module):
   replace_stride_with_dilation: Sequence[bool] = (False, False, False)
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
@@ -197,7 +206,7 @@ class ResNet(nn.Module):
       raise ValueError('replace_stride_with_dilation needs 3 booleans (stages 2-4), got '
                        f'{self.replace_stride_with_dilation!r}')
     x = x.astype(self.dtype)
-    x = _conv(self.width, 7, 2, self.dtype, 'stem_conv')(x)
+    x = _conv(self.width, 7, 2, self.dtype, 'stem_conv', impl=self.conv_impl)(x)
     x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'stem_bn', train)(x))
     self.sow('intermediates', 'conv1', x)
     # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
@@ -213,7 +222,8 @@ class ResNet(nn.Module):
             self.width * 2**i, stride=stride if j == 0 else 1,
             se_reduction=self.se_reduction, stride_in_1x1=self.stride_in_1x1,
             dilation=previous if j == 0 else dilation,
-            bn_axis_name=self.bn_axis_name, dtype=self.dtype, name=f'layer{i + 1}_{j}',
+            bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_impl=self.conv_impl,
+            name=f'layer{i + 1}_{j}',
         )(x, train=train)
       self.sow('intermediates', f'conv{i + 2}_x', x)
     self.sow('intermediates', 'features', x)

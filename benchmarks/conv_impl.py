@@ -1,0 +1,161 @@
+"""Train-step images/s per convolution implementation (`conv_impl`) next to torchvision, one run.
+
+For each backbone (ResNet-50, DenseNet-121, VGG-16 by default) and each `conv_impl` of
+cxr_jax/models/conv.py ('xla' = before, 'matmul' / 'patches' = the rewrites), the data-parallel
+train step of cxr_jax/train_step.py (Adam, sigmoid BCE) and torchvision's train step (Adam, BCE,
+all cores) are timed *interleaved*: every round runs one step of each, so that load from other
+processes on a shared machine hits all columns alike; each column reports its fastest round.
+
+  python benchmarks/conv_impl.py                                # 224 px, batch 16, fp32
+  python benchmarks/conv_impl.py --models=resnet50 --rounds=3 --json out.json
+  python benchmarks/conv_impl.py --impls=xla,matmul --no_torch
+  python benchmarks/conv_impl.py --models=mobilenet_v1 --impls=xla,matmul
+
+Columns: img/s per impl, its ratio to torch (and torch channels_last with
+`--channels_last`), the speed-up of the best impl over 'xla', compile seconds.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from cxr_jax import losses, optim, parallel  # noqa: E402
+from cxr_jax.config_lib import base_config  # noqa: E402
+from cxr_jax.models import MODELS  # noqa: E402
+from cxr_jax.train_step import create_train_state, make_train_step  # noqa: E402
+
+DEFAULT_MODELS = ('resnet50', 'densenet121', 'vgg16')
+NUM_CLASSES = 14
+
+
+def jax_step(name: str, impl: str, size: int, batch: int) -> tuple[Any, float]:
+  """A zero-argument function running one train step of `name` with `conv_impl=impl` (state
+  carried between calls), and its compile seconds."""
+  mesh = parallel.make_mesh()
+  model = MODELS.get(name)(num_classes=NUM_CLASSES, conv_impl=impl,
+                           bn_axis_name=parallel.DATA_AXIS)
+  tx = optim.build_optimizer(base_config().optimizer, 100)
+  state = create_train_state(model, tx, (size, size, 3), jax.random.key(0), mesh)
+  rng = np.random.default_rng(0)
+  data = parallel.to_global(
+      {'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+       'labels': (rng.random((batch, NUM_CLASSES)) < 0.2).astype(np.float32)}, mesh)
+  step = make_train_step(model, tx, losses.get_loss('sigmoid_bce'), mesh)
+  key = jax.random.key(1)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, data, key).compile()
+  compile_s = time.perf_counter() - t0
+  holder = {'state': state}
+
+  def run():
+    holder['state'], metrics = compiled(holder['state'], data, key)
+    return jax.block_until_ready(metrics['loss'])
+
+  return run, compile_s
+
+
+def torch_step(name: str, size: int, batch: int, channels_last: bool) -> Any:
+  """One torchvision train step (Adam 1e-4, BCE with logits) on all CPU threads."""
+  import torch  # noqa: PLC0415
+  import torchvision  # noqa: PLC0415
+
+  torch.set_num_threads(os.cpu_count())
+  if name == 'mobilenet_v1':  # no torchvision model: the same layer stack in torch.nn
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import backbones  # noqa: PLC0415
+    model = backbones._torch_mobilenet_v1(torch, NUM_CLASSES)
+  else:
+    model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
+  x = torch.randn(batch, 3, size, size)
+  y = (torch.rand(batch, NUM_CLASSES) < 0.2).float()
+  if channels_last:
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+  opt = torch.optim.Adam(model.parameters(), 1e-4)
+  loss_fn = torch.nn.BCEWithLogitsLoss()
+  model.train()
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+  return run
+
+
+def bench_model(name: str, impls: list[str], size: int, batch: int, rounds: int,
+                torch_columns: list[str]) -> dict[str, Any]:
+  """Interleaved rounds of one step per column; img/s of each column's fastest round."""
+  runs, row = {}, {'model': name, 'size': size, 'batch': batch}
+  for impl in impls:
+    runs[impl], row[f'{impl}_compile_s'] = jax_step(name, impl, size, batch)
+  for col in torch_columns:
+    runs[col] = torch_step(name, size, batch, channels_last=col == 'torch_cl')
+  for run in runs.values():  # warm-up (allocations, torch's first-call costs)
+    run()
+  times: dict[str, list[float]] = {col: [] for col in runs}
+  for _ in range(rounds):
+    for col, run in runs.items():
+      t = time.perf_counter()
+      run()
+      times[col].append(time.perf_counter() - t)
+  for col, ts in times.items():
+    row[f'{col}_img_s'] = batch / min(ts)
+    row[f'{col}_s_all'] = ts
+  for impl in impls:
+    for col in torch_columns:
+      row[f'{impl}_vs_{col}'] = row[f'{impl}_img_s'] / row[f'{col}_img_s']
+  if 'xla' in impls:
+    best = max(impls, key=lambda i: row[f'{i}_img_s'])
+    row['best'], row['speedup_vs_xla'] = best, row[f'{best}_img_s'] / row['xla_img_s']
+  row['loadavg_after'] = os.getloadavg()[0]
+  return row
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
+  parser.add_argument('--impls', default='xla,matmul,patches')
+  parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--channels_last', action='store_true', help='add a torch channels_last '
+                      'column')
+  parser.add_argument('--no_torch', action='store_true')
+  parser.add_argument('--json', default=None, help='write the rows to this file')
+  args = parser.parse_args()
+  impls = args.impls.split(',')
+  torch_columns = [] if args.no_torch else ['torch'] + (['torch_cl'] if args.channels_last
+                                                         else [])
+  print(f'JAX {jax.__version__} on {jax.device_count()} x {jax.default_backend()}; '
+        f'{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; min of {args.rounds} interleaved '
+        f'rounds', flush=True)
+  cols = [f'{c}_img_s' for c in impls + torch_columns]
+  cols += [f'{i}_vs_{c}' for i in impls for c in torch_columns]
+  cols += ['speedup_vs_xla', 'loadavg_after']
+  print(' | '.join(['model'] + cols), flush=True)
+  rows = []
+  for name in args.models.split(','):
+    row = bench_model(name, impls, args.size, args.batch, args.rounds, torch_columns)
+    rows.append(row)
+    print(' | '.join([name] + [f'{row[c]:.2f}' if c in row else '-' for c in cols]),
+          flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'xla_flags': os.environ.get('XLA_FLAGS', ''), 'rows': rows}, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
