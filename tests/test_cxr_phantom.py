@@ -248,3 +248,19 @@ def test_render_speed_budget(size):
     phantom.render(s, size)
   per_image = (time.perf_counter() - t) / len(specs)
   assert per_image < {64: 0.01, 128: 0.03}[size]
+
+
+def test_parallel_generation_renders_the_same_examples():
+  # Worker processes render a large split (cxr_phantom_dataset_builder.generate); each example
+  # comes from its own seed, so the data set is the same with any number of workers.
+  from cxr_jax.data.cxr_phantom import cxr_phantom_dataset_builder as B
+  params = B.CxrPhantomConfig(name='t', image_size=32, num_train=6).phantom_params()
+  serial = list(B.generate(params, 'train', 6, 32, workers=1))
+  parallel = list(B.generate(params, 'train', 6, 32, workers=2))
+  assert [k for k, _ in parallel] == [k for k, _ in serial] == [f'train_{i:07d}' for i in range(6)]
+  for (_, a), (_, b) in zip(serial, parallel, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['masks'], b['masks'])
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+    assert a['image_id'] == b['image_id']
+  assert B.num_workers(100) == 1 and B.num_workers(10 ** 6) >= 1
