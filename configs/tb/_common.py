@@ -158,3 +158,27 @@ def phantom_demo(config: ml_collections.ConfigDict, size: int, norm: str, roi: s
   config.checkpoint_every_steps = 150
   config.activations.num_images = 2
   config.activations.steps = 15
+
+
+VGG_SIZE = 224
+
+
+def vgg(arch: str, filter_layers: tuple[str, str], arg: str | None
+        ) -> ml_collections.ConfigDict:
+  """configs/tb/vgg16.py and vgg19.py: `arch` fine-tuned from torchvision's ImageNet weights
+  (weights/torchvision_<arch>), only its last FC (`classifier_6`) replaced, at 20x the rate."""
+  model = ml_collections.ConfigDict({'name': arch})
+  config = base(f'tb_{arch}', model, VGG_SIZE, 'imagenet')
+  config.init_from.checkpoint = f'weights/torchvision_{arch}'
+  config.optimizer.lr_multipliers = ml_collections.ConfigDict({'classifier_6': 20.0})
+  config.activations.filter_layers = filter_layers
+  return finish(config, arg, vgg_demo, VGG_SIZE, 'imagenet')
+
+
+def vgg_demo(config: ml_collections.ConfigDict, roi: str = 'crop') -> None:
+  """`:demo` of the VGGs: a narrow VGG from scratch on the phantom at 64 px."""
+  phantom_demo(config, 64, 'imagenet', roi)
+  config.init_from.checkpoint = ''
+  config.model.widths = (8, 16, 32, 64, 64)
+  config.model.hidden = 128
+  config.optimizer.learning_rate = 1e-2

@@ -16,22 +16,7 @@ import ml_collections
 from cxr_jax import config_lib
 
 _common = config_lib.load_sibling(__file__, '_common.py')
-SIZE = 224
-WEIGHTS = 'weights/torchvision_vgg19'
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  model = ml_collections.ConfigDict({'name': 'vgg19'})
-  config = _common.base('tb_vgg19', model, SIZE, 'imagenet')
-  config.init_from.checkpoint = WEIGHTS
-  config.optimizer.lr_multipliers = ml_collections.ConfigDict({'classifier_6': 20.0})
-  config.activations.filter_layers = ('conv1_2', 'conv3_4')
-  return _common.finish(config, arg, apply_demo, SIZE, 'imagenet')
-
-
-def apply_demo(config: ml_collections.ConfigDict, roi: str = 'crop') -> None:
-  _common.phantom_demo(config, 64, 'imagenet', roi)
-  config.init_from.checkpoint = ''
-  config.model.widths = (8, 16, 32, 64, 64)
-  config.model.hidden = 128
-  config.optimizer.learning_rate = 1e-2
+  return _common.vgg('vgg19', ('conv1_2', 'conv3_4'), arg)
