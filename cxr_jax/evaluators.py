@@ -44,8 +44,27 @@ def resolve_thresholds(threshold: float | str | list[float], rule: str, labels: 
   return threshold
 
 
+class _SplitInput:
+  """An evaluator's input: one split of config.data, its pipeline built once and kept between
+  evaluations (subclasses set data_cfg, split, batch_size and _input)."""
+
+  data_cfg: ml_collections.ConfigDict
+  split: str
+  batch_size: int
+  _input: Any
+
+  @property
+  def input(self):
+    """The split's `pipeline.EvalInput`, built on first use and kept."""
+    if self._input is None:
+      from cxr_jax.data import pipeline
+      self._input = pipeline.make_eval_iter(self.data_cfg, self.split,
+                                            global_batch_size=self.batch_size)
+    return self._input
+
+
 @EVALUATORS.register('multilabel_classification')
-class ClassificationEvaluator:
+class ClassificationEvaluator(_SplitInput):
   """Per-class AUROC, F1, binary accuracy, MAE ... of sigmoid outputs on one split.
 
   threshold: a probability (or [K] of them), or 'per_class': thresholds chosen by
@@ -66,15 +85,6 @@ class ClassificationEvaluator:
     self.threshold, self.threshold_rule = threshold, threshold_rule
     # An `EvalInput` of the same split may be shared between evaluators (several models).
     self._input = eval_input
-
-  @property
-  def input(self):
-    """The split's `pipeline.EvalInput`, built on first use and kept."""
-    if self._input is None:
-      from cxr_jax.data import pipeline
-      self._input = pipeline.make_eval_iter(self.data_cfg, self.split,
-                                            global_batch_size=self.batch_size)
-    return self._input
 
   def predict(self, variables: Any) -> Predictions:
     ids, labels, probs = [], [], []
@@ -183,7 +193,7 @@ class SegmentationPredictions:
 
 
 @EVALUATORS.register('segmentation')
-class SegmentationEvaluator:
+class SegmentationEvaluator(_SplitInput):
   """Dice and Jaccard per structure (and both lungs, and paper 004's global mask M_g) with their
   mean and standard deviation over the images of one split, and the soft Dice loss that picks
   the best checkpoint. The model's outputs are per-pixel logits [B, H, W, K]; the data's target
@@ -207,15 +217,6 @@ class SegmentationEvaluator:
     self.threshold = 0.5 if isinstance(threshold, str) else float(threshold)
     self.num_examples = num_examples
     self._input = eval_input
-
-  @property
-  def input(self):
-    """The split's `pipeline.EvalInput`, built on first use and kept."""
-    if self._input is None:
-      from cxr_jax.data import pipeline
-      self._input = pipeline.make_eval_iter(self.data_cfg, self.split,
-                                            global_batch_size=self.batch_size)
-    return self._input
 
   def predict(self, variables: Any) -> SegmentationPredictions:
     from cxr_jax import segmentation_metrics as S
