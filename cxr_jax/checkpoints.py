@@ -32,10 +32,11 @@ class Checkpoints:
 
   def __init__(self, directory: str | epath.Path, *, keep: int = 2):
     stage = layout.StageDir(epath.Path(directory).absolute())  # orbax wants absolute paths
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    self._latest = ocp.CheckpointManager(stage.checkpoints_dir, options=options)
-    self._best = ocp.CheckpointManager(
-        stage.best_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    # Both managers may save the same step at once; across processes their async writes meet
+    # at barriers named after the step, so each gets a prefix of its own (else the second one
+    # finds "barrier _async_write_complete.<step> is already ongoing" and times out).
+    self._latest = ocp.CheckpointManager(stage.checkpoints_dir, options=_options(keep, 'latest'))
+    self._best = ocp.CheckpointManager(stage.best_dir, options=_options(1, 'best'))
 
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
@@ -74,6 +75,12 @@ class Checkpoints:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def _options(keep: int, prefix: str) -> ocp.CheckpointManagerOptions:
+  return ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
 
 
 def restore_variables(stage_dir: str | epath.PathLike, abstract_variables: Variables,
