@@ -6,6 +6,17 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The tests compile the same small programs again and again, many in subprocesses (the SIGKILL
+# and resume chains, the command-line tests): one persistent compilation cache for the session
+# (inherited by the subprocesses through the environment) compiles each of them once.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _CACHE = tempfile.mkdtemp(prefix='cxr_jax_test_xla_cache_')
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 # torchvision (parity tests) must be imported before TensorFlow: the other order segfaults in
 # torchvision's import (seen with TF 2.21 + torch 2.14.1 here). The parity tests skip without it.
