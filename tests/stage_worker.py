@@ -24,24 +24,8 @@ def _die() -> None:
 
 
 def worker_config(data_dir: str):
-  # conftest.tiny_config without importing conftest, which imports torch (not needed here).
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs',
-                      'mobilenet_baseline.py')
-  spec = importlib.util.spec_from_file_location('mobilenet_baseline', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('demo')
-  config.data.name = 'cxr_phantom/tiny'
-  config.data.data_dir = data_dir
-  config.data.drop_no_finding = False
-  config.model.blocks = ((16, 2), (32, 2))
-  config.batch_size = 8
-  config.eval_batch_size = 8
-  config.log_every_steps = 1
-  config.num_train_steps = 6
-  config.eval_every_steps = 3
-  config.checkpoint_every_steps = 2
+  from tiny import tiny_config  # not conftest: it imports torch, not needed here
+  config = tiny_config(data_dir)
   config.stages = ('train_classifier', 'evaluate')
   return config
 
