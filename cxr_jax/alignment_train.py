@@ -34,7 +34,7 @@ from etils import epath
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from cxr_jax import checkpoints, layout, optim, parallel
+from cxr_jax import checkpoints, layout, optim, parallel, xla_options
 from cxr_jax.attention import alignment as al
 from cxr_jax.data import pipeline
 from cxr_jax.inference import run as run_lib
@@ -94,7 +94,7 @@ def make_align_step(model: nn.Module, loss_model: nn.Module, tx: optax.GradientT
                           in_specs=(P(), P(), P(axis), P(), P(), P()),
                           out_specs=(P(), P(), P()))
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  @functools.partial(xla_options.jit, donate_argnums=(0,))
   def step(state: TrainState, images, anchor, anchor_feats, loss_vars):
     grads, stats, metrics = sharded(state.params, state.batch_stats, images, anchor,
                                     anchor_feats, loss_vars)

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cxr_jax import evaluate, metrics, parallel, single_label
+from cxr_jax import evaluate, metrics, parallel, single_label, xla_options
 from cxr_jax.registry import Registry
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
@@ -79,7 +79,7 @@ class ClassificationEvaluator(_SplitInput):
                batch_size: int, mesh: jax.sharding.Mesh, class_names: tuple[str, ...],
                threshold: float | str | list[float] = 0.5, threshold_rule: str = 'max_f1',
                eval_input: Any = None):
-    self.predict_fn = jax.jit(predict_fn, out_shardings=parallel.batch_sharded(mesh))
+    self.predict_fn = xla_options.jit(predict_fn, out_shardings=parallel.batch_sharded(mesh))
     self.data_cfg, self.split, self.batch_size = data_cfg, split, batch_size
     self.mesh, self.class_names = mesh, class_names
     self.threshold, self.threshold_rule = threshold, threshold_rule
@@ -211,7 +211,7 @@ class SegmentationEvaluator(_SplitInput):
     if target != 'masks':
       raise ValueError(f"config.evaluator='segmentation' needs config.data.target='masks', got "
                        f'{target!r}.')
-    self.predict_fn = jax.jit(predict_fn, out_shardings=parallel.batch_sharded(mesh))
+    self.predict_fn = xla_options.jit(predict_fn, out_shardings=parallel.batch_sharded(mesh))
     self.data_cfg, self.split, self.batch_size = data_cfg, split, batch_size
     self.mesh, self.class_names = mesh, tuple(class_names)
     self.threshold = 0.5 if isinstance(threshold, str) else float(threshold)

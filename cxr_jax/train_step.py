@@ -18,7 +18,7 @@ from flax import struct
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from cxr_jax import losses, parallel
+from cxr_jax import losses, parallel, xla_options
 
 NAN_POLICIES = ('stop', 'skip')
 
@@ -115,7 +115,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P(axis), P()),
       out_specs=(P(), P(), P()))
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  @functools.partial(xla_options.jit, donate_argnums=(0,))
   def step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
     key = jax.random.fold_in(key, state.step)
     loss, grads, batch_stats = sharded_grads(state.params, state.batch_stats, batch['image'],

@@ -67,6 +67,29 @@ def test_conv_equals_lax_conv_forward_and_gradients(impl, kernel_size, stride, p
               jax.grad(loss(ref), argnums=(0, 1))(x, k))
 
 
+# (batch, C, O, kernel, stride, padding, dilation): which side is patched (the gradient's where
+# O < C at stride 1), one matmul or one per tap (over 64 channels), batch chunks (gcd(B, 4)).
+WGRAD_CASES = [
+    (3, 8, 3, (3, 3), 1, ((2, 2), (1, 3)), 2),  # gradient patches, one matmul, 1 chunk
+    (4, 70, 66, (3, 3), 2, ((1, 1), (1, 1)), 1),  # input patches per tap, strided, 4 chunks
+    (6, 80, 70, (3, 2), 1, ((1, 1), (0, 1)), 1),  # gradient patches per tap, 2 chunks
+    (8, 4, 5, (7, 7), 2, ((3, 3), (3, 3)), 1),  # input patches, one matmul (a stem)
+]
+
+
+@pytest.mark.parametrize('b,c,o,kernel_size,stride,padding,dilation', WGRAD_CASES)
+def test_weight_gradient_paths_equal_autodiff_of_lax_conv(b, c, o, kernel_size, stride, padding,
+                                                         dilation):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(b, 9, 8, c)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(*kernel_size, c, o)), jnp.float32)
+  strides, dil = (stride, stride), (dilation, dilation)
+  y, vjp = jax.vjp(lambda k: conv.xla_conv(x, k, strides, padding, dil), k)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  _close(jax.jit(conv.conv_weight_grad, static_argnums=(2, 3, 4, 5))(
+      x, g, k.shape, strides, padding, dil), vjp(g)[0])
+
+
 @pytest.mark.parametrize('impl', ('auto', 'xla') + IMPLS)
 def test_same_parameters_and_initialisation_as_flax_conv(impl):
   x = jnp.ones((1, 6, 6, 3))

@@ -39,6 +39,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from cxr_jax import xla_options
+
 DEFAULT_THRESHOLD = 0.6
 DEFAULT_STEPS = 8
 DEFAULT_ALPHA = 0.6
@@ -178,7 +180,7 @@ def maximize_activation(fn: Callable[[jax.Array], jax.Array], channels: Sequence
                                  jnp.asarray(channels)[:, None, None], axis=-1)
     return jnp.sum(jnp.mean(picked, axis=(1, 2)))
 
-  @jax.jit
+  @xla_options.jit
   def step(x, i):
     g = jax.grad(objective)(x)
     g = g / (jnp.mean(jnp.abs(g), axis=(1, 2, 3), keepdims=True) + 1e-8)

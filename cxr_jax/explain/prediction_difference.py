@@ -76,6 +76,8 @@ import scipy.linalg
 from flax import struct
 from jax import lax
 
+from cxr_jax import xla_options
+
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 DEFAULT_LAPLACE_N = 10_000  # Only keeps the odds finite; pass the real training set size.
@@ -526,8 +528,8 @@ def prediction_difference(logits_fn: LogitsFn, x: jax.Array, sampler: Sampler, *
                   num_samples=int(num_samples), chunk_size=int(chunk_size), laplace_n=laplace_n)
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'window', 'stride', 'num_samples',
-                                             'chunk_size', 'laplace_n'))
+@functools.partial(xla_options.jit, static_argnames=('logits_fn', 'window', 'stride',
+                                                     'num_samples', 'chunk_size', 'laplace_n'))
 def _pda_jit(logits_fn: LogitsFn, x: jax.Array, sampler: Sampler, key: jax.Array, *,
              window: tuple[int, int], stride: tuple[int, int], num_samples: int,
              chunk_size: int, laplace_n: int | None) -> jax.Array:

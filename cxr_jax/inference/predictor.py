@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from cxr_jax import xla_options
 from cxr_jax.inference import run as run_lib
 from cxr_jax.models import model_function
 
@@ -160,7 +161,7 @@ class Predictor:
     if self._forward is None:
       model = self.model
 
-      @jax.jit
+      @xla_options.jit
       def fwd(variables, x):
         logits, state = model.apply(variables, x, train=False, mutable=['intermediates'])
         return logits, state.get('intermediates', {})

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from cxr_jax import segmentation_metrics
+from cxr_jax import segmentation_metrics, xla_options
 from cxr_jax.inference import run as run_lib
 from cxr_jax.inference.predictor import Predictor, load_predictor
 
@@ -89,7 +89,7 @@ class Segmenter:
     if size not in self._probs:
       model = self.predictor.model
 
-      @jax.jit
+      @xla_options.jit
       def fn(variables, x):
         probs = jax.nn.sigmoid(model.apply(variables, x, train=False).astype(jnp.float32))
         if probs.shape[1:3] == size:

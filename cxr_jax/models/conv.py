@@ -1,23 +1,29 @@
 """Convolutions whose gradients XLA:CPU computes fast: 1x1 convolutions as matrix products, k x k
 weight gradients as patch matrix products.
 
-XLA:CPU runs the backward passes of `lax.conv_general_dilated` far below matmul speed (measured
-here, 2 cores, batch 16: the vjp of a 56 x 56, 64 -> 256 1x1 convolution took 8x as long as the
-same product written with `dot_general`; see benchmarks/conv_impl.py). Two rewrites, both with
+With the YNNPACK convolutions this jaxlib uses by default, XLA:CPU runs the backward passes of
+`lax.conv_general_dilated` far below matmul speed (measured here, 2 cores, batch 16: the vjp of a
+56 x 56, 64 -> 256 1x1 convolution took 8x as long as the same product written with
+`dot_general`; see benchmarks/conv_impl.py). cxr_jax/xla_options.py now keeps YNNPACK away from
+convolutions, which closes most of that gap; 'matmul' is still ahead on VGG and DenseNet. Two
+rewrites, both with
 the parameters `flax.linen.Conv` has (`kernel` [kh, kw, C_in, C_out], optional `bias` [C_out],
 created in the same order, so initialisation, checkpoints and imported weights are unchanged):
 
 - 'matmul': a 1x1 convolution is a `dot_general` over channels (a strided slice first for
   stride > 1), whose autodiff is two more matmuls; k x k convolutions stay XLA convolutions.
 - 'patches': as 'matmul', and a k x k convolution is a `jax.custom_vjp` whose forward pass and
-  input gradient are XLA's convolutions and whose weight gradient is one matmul of the input's
-  patches ([B * H' * W', kh * kw * C_in], gathered by strided slices) with the output gradient.
+  input gradient are XLA's convolutions and whose weight gradient is a sum of matrix products of
+  strided slices (`conv_weight_grad`): patches of the input, or at stride 1 of the output
+  gradient where it has fewer channels, over the batch in chunks.
 - 'xla': `flax.linen.Conv`.
-- 'auto': 'matmul' on the CPU backend (where it was measured faster), 'xla' elsewhere (GPU and
-  TPU convolutions are cuDNN/MXU code that these rewrites have not been measured against).
+- 'auto': 'matmul' on the CPU backend (measured fastest with cxr_jax/xla_options.py's options,
+  224 px, batch 16: VGG-16 1.98x 'xla', DenseNet-121 1.09x, ResNet-50 0.95x), 'xla' elsewhere
+  (GPU and TPU convolutions are cuDNN/MXU code these rewrites have not been measured against).
 """
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,24 +61,99 @@ def xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                                   dimension_numbers=_DIMS)
 
 
+def conv_taps(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
+              padding: tuple[tuple[int, int], ...], dilation: tuple[int, int],
+              out_hw: tuple[int, int]) -> list[jax.Array]:
+  """x [B, H, W, C] -> kh * kw taps [B, H', W', C] in (kh, kw) order: tap (i, j) is the strided
+  slice of the padded input that kernel entry (i, j) multiplies."""
+  (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel_size, strides, dilation, out_hw
+  b, _, _, c = x.shape
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  return [lax.slice(xp, (0, i * dh, j * dw, 0),
+                    (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
 def conv_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
                  padding: tuple[tuple[int, int], ...], dilation: tuple[int, int],
                  out_hw: tuple[int, int]) -> jax.Array:
   """x [B, H, W, C] -> patches [B, H', W', kh * kw * C], ordered (kh, kw, C) as an HWIO kernel
-  reshaped to [kh * kw * C, O]; tap (i, j) is the strided slice the convolution reads."""
-  (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel_size, strides, dilation, out_hw
-  b, _, _, c = x.shape
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  taps = [lax.slice(xp, (0, i * dh, j * dw, 0),
-                    (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
+  reshaped to [kh * kw * C, O]."""
+  taps = conv_taps(x, kernel_size, strides, padding, dilation, out_hw)
   return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+# Weight gradients are computed over the batch in this many chunks (a scan): each chunk's patch
+# matrices stay a fraction of the whole batch's (for VGG's first block, 1.8 GB at batch 16), and
+# 4 chunks were fastest on the shapes measured (benchmarks/conv_impl.py --layers).
+_WGRAD_CHUNKS = 4
+# Up to this many channels on the patched side, one matmul against all kh * kw taps at once;
+# wider, one matmul per tap (measured: the concatenation costs more than the wider product).
+_ONE_MATMUL_MAX_CHANNELS = 64
+
+
+def _tn_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a [..., M], b [..., N] -> a^T b [M, N] over all leading dims, accumulated in float32. Both
+  are flattened to 2-D first: XLA:CPU runs a product contracting 3 dims 2x slower."""
+  return lax.dot_general(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
+                         (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _wgrad_input_patches(x, g, kernel_shape, strides, padding, dilation):
+  """dk [kh, kw, C, O] from patches of the input (any stride)."""
+  kh, kw, c, o = kernel_shape
+  taps = conv_taps(x, (kh, kw), strides, padding, dilation, g.shape[1:3])
+  if c <= _ONE_MATMUL_MAX_CHANNELS:
+    return _tn_dot(jnp.concatenate(taps, axis=-1), g).reshape(kh, kw, c, o)
+  return jnp.stack([_tn_dot(t, g) for t in taps]).reshape(kh, kw, c, o)
+
+
+def _wgrad_gradient_patches(x, g, kernel_shape, padding, dilation):
+  """dk [kh, kw, C, O] from patches of the output gradient (stride 1): summing over the padded
+  input's positions (u, v), kernel entry (i, j) pairs x[u, v] with g[u - i * dh, v - j * dw]
+  (zero outside g). Cheaper than input patches where O < C (DenseNet: 128 -> 32)."""
+  kh, kw, c, o = kernel_shape
+  (dh, dw) = dilation
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  hp, wp = xp.shape[1:3]
+  ph, pw = (kh - 1) * dh, (kw - 1) * dw
+  gp = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  taps = [gp[:, ph - i * dh:ph - i * dh + hp, pw - j * dw:pw - j * dw + wp, :]
+          for i in range(kh) for j in range(kw)]
+  if o <= _ONE_MATMUL_MAX_CHANNELS:
+    dk = _tn_dot(xp, jnp.concatenate(taps, axis=-1)).reshape(c, kh * kw, o).transpose(1, 0, 2)
+  else:
+    dk = jnp.stack([_tn_dot(xp, t) for t in taps])
+  return dk.reshape(kh, kw, c, o)
+
+
+def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, int, int, int],
+                     strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
+                     dilation: tuple[int, int]) -> jax.Array:
+  """Weight gradient of `xla_conv` as patch matmuls: x [B, H, W, C], output gradient
+  g [B, H', W', O] -> dk [kh, kw, C, O] (float32). Patches of whichever of x and g has fewer
+  channels (g only at stride 1), the batch in `_WGRAD_CHUNKS` chunks."""
+  c, o = kernel_shape[2], kernel_shape[3]
+  if strides == (1, 1) and o < c:
+    fn = lambda x, g: _wgrad_gradient_patches(x, g, kernel_shape, padding, dilation)
+  else:
+    fn = lambda x, g: _wgrad_input_patches(x, g, kernel_shape, strides, padding, dilation)
+  b = x.shape[0]
+  chunks = math.gcd(b, _WGRAD_CHUNKS)
+  if chunks == 1:
+    return fn(x, g)
+  xs = x.reshape(chunks, b // chunks, *x.shape[1:])
+  gs = g.reshape(chunks, b // chunks, *g.shape[1:])
+  # The first chunk starts the sum (inside shard_map a zeros carry would not vary over the mesh
+  # axes the chunks' gradients vary over).
+  dk, _ = lax.scan(lambda acc, xg: (acc + fn(*xg), None), fn(xs[0], gs[0]), (xs[1:], gs[1:]))
+  return dk
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def patches_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                  padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> jax.Array:
-  """`xla_conv` whose weight gradient is a patch matmul (see the module docstring)."""
+  """`xla_conv` whose weight gradient is `conv_weight_grad` (see the module docstring)."""
   return xla_conv(x, kernel, strides, padding, dilation)
 
 
@@ -82,12 +163,10 @@ def _patches_fwd(x, kernel, strides, padding, dilation):
 
 def _patches_bwd(strides, padding, dilation, residuals, g):
   x, kernel = residuals
-  kh, kw, c, o = kernel.shape
   _, dx_fn = jax.vjp(lambda x: xla_conv(x, kernel, strides, padding, dilation), x)
   (dx,) = dx_fn(g)
-  patches = conv_patches(x, (kh, kw), strides, padding, dilation, g.shape[1:3])
-  dk = lax.dot_general(patches, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
-  return dx, dk.reshape(kh, kw, c, o).astype(kernel.dtype)
+  dk = conv_weight_grad(x, g, kernel.shape, strides, padding, dilation)
+  return dx, dk.astype(kernel.dtype)
 
 
 patches_conv.defvjp(_patches_fwd, _patches_bwd)

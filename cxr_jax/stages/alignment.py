@@ -23,14 +23,13 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
-from cxr_jax import alignment_train, inference, layout, reporting
+from cxr_jax import alignment_train, inference, layout, reporting, xla_options
 from cxr_jax.attention import alignment as al
 from cxr_jax.data import pipeline
 from cxr_jax.stages.base import STAGES, is_chief
@@ -105,7 +104,7 @@ def loss_network(config: ml_collections.ConfigDict, workdir: epath.Path
 
 
 def _regress(model: nn.Module, variables: dict[str, Any], batch_size: int):
-  @jax.jit
+  @xla_options.jit
   def fn(x):
     return model.apply(variables, x, train=False)
   return lambda x: np.asarray(fn(jnp.asarray(x)), np.float64)

@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from cxr_jax import config_lib, inference, layout, reporting
+from cxr_jax import config_lib, inference, layout, reporting, xla_options
 from cxr_jax.attention import disease_masks as dm
 from cxr_jax.data import pipeline
 from cxr_jax.models import build_model
@@ -73,7 +73,8 @@ def disease_masks_stage(config: ml_collections.ConfigDict, workdir: epath.Path) 
   positives = np.zeros(len(classes), np.int64)
   best = np.full(len(classes), np.nan)
   bs = config.eval_batch_size
-  upsample = jax.jit(lambda m: jax.image.resize(m, (m.shape[0], h, w, m.shape[-1]), 'bilinear'))
+  upsample = xla_options.jit(
+      lambda m: jax.image.resize(m, (m.shape[0], h, w, m.shape[-1]), 'bilinear'))
   n_images = 0
   for batch in pipeline.iterate_images(config.data, cfg.split or config.data.train_split,
                                        predictor.info.pp_eval, batch_size=bs):
