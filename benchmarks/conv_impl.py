@@ -10,6 +10,8 @@ processes on a shared machine hits all columns alike; each column reports its fa
   python benchmarks/conv_impl.py --models=resnet50 --rounds=3 --json out.json
   python benchmarks/conv_impl.py --impls=xla,matmul --no_torch
   python benchmarks/conv_impl.py --models=mobilenet_v1 --impls=xla,matmul
+  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,reduce,individual_dot,eltwise \
+      python benchmarks/conv_impl.py          # XLA_FLAGS win over cxr_jax/xla_options.py
 
 Columns: img/s per impl, its ratio to torch (and torch channels_last with
 `--channels_last`), the speed-up of the best impl over 'xla', compile seconds.
@@ -28,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from cxr_jax import losses, optim, parallel  # noqa: E402
+from cxr_jax import losses, optim, parallel, xla_options  # noqa: E402
 from cxr_jax.config_lib import base_config  # noqa: E402
 from cxr_jax.models import MODELS  # noqa: E402
 from cxr_jax.train_step import create_train_state, make_train_step  # noqa: E402
@@ -140,8 +142,8 @@ def main() -> None:
                                                          else [])
   print(f'JAX {jax.__version__} on {jax.device_count()} x {jax.default_backend()}; '
         f'{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; '
-        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; min of {args.rounds} interleaved '
-        f'rounds', flush=True)
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; compiler options '
+        f'{xla_options.compiler_options()}; min of {args.rounds} interleaved rounds', flush=True)
   cols = [f'{c}_img_s' for c in impls + torch_columns]
   cols += [f'{i}_vs_{c}' for i in impls for c in torch_columns]
   cols += ['speedup_vs_xla', 'loadavg_after']
@@ -154,7 +156,8 @@ def main() -> None:
           flush=True)
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'xla_flags': os.environ.get('XLA_FLAGS', ''), 'rows': rows}, f, indent=2)
+      json.dump({'xla_flags': os.environ.get('XLA_FLAGS', ''),
+                 'compiler_options': xla_options.compiler_options(), 'rows': rows}, f, indent=2)
 
 
 if __name__ == '__main__':

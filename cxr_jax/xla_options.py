@@ -1,14 +1,13 @@
 """XLA compiler options for this library's programs, and `jit`: `jax.jit` with them.
 
-On the CPU backend the jaxlib we run (0.10.x) hands convolutions, matrix products, element-wise
-work and reductions to YNNPACK fusions by default. Its convolutions run the backward passes of a
-train step several times slower than XLA's own (Eigen) convolutions, while its matrix products,
-element-wise fusions and reductions are faster than XLA's. So CPU programs are compiled with every
-YNNPACK fusion type but the convolution one (measured on 2 cores, batch 16, fwd + both gradients
-of one 3x3 convolution: 224 px 64 -> 64 channels 4.9 s with YNNPACK convolutions, 1.35 s without,
-torch 1.55 s; train steps at 224 px with `conv_impl='xla'`: ResNet-50 8.0 s -> 3.2 s, DenseNet-121
-and VGG-16 in benchmarks/conv_impl.py, and with every YNNPACK fusion off ResNet-50 took 8.2 s: the
-other fusion types are worth keeping).
+On the CPU backend the jaxlib we run (0.10.x) hands convolutions, matrix products and reductions
+to YNNPACK fusions by default. Its convolutions run the backward passes of a train step several
+times slower than XLA's own (Eigen) convolutions; its products and reductions are faster than
+XLA's. So CPU programs are compiled with YNNPACK for products and reductions only. Measured on 2
+cores, batch 16: fwd + both gradients of one 3x3 convolution, 224 px 64 -> 64 channels, 4.9 s with
+YNNPACK vs 1.35 s without (torch 1.55 s); ResNet-50 train step at 224 px (`conv_impl='xla'`) 8.0 s
+with jaxlib's defaults, 8.2 s with every YNNPACK fusion off, 4.2 s with these options (README,
+Speed; `benchmarks/conv_impl.py`, A/B with XLA_FLAGS, which win).
 
 The options are per program (`jax.jit(..., compiler_options=...)`), not `XLA_FLAGS`: a jaxlib
 that does not know an option or one of its values rejects it with a Python error (checked once,

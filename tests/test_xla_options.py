@@ -88,3 +88,17 @@ def test_decorating_does_not_start_the_backend():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ['2', '6']
+
+
+def test_library_code_jits_through_xla_options():
+  """Every jitted program of the library gets the compiler options: `jax.jit` appears only in
+  xla_options.py itself and in the train state's init (compiled once at -O0 on the CPU)."""
+  import pathlib
+  root = pathlib.Path(xla_options.__file__).parent
+  found = {}
+  for path in root.rglob('*.py'):
+    code = [line for line in path.read_text().splitlines() if not line.lstrip().startswith('#')]
+    hits = [line for line in code if re.search(r'(?<![`\w.])jax\.jit\b(?!`)', line)]
+    if hits:
+      found[str(path.relative_to(root))] = len(hits)
+  assert found == {'xla_options.py': 2, 'train_step.py': 1}, found
