@@ -104,11 +104,16 @@ def bench_model(name: str, impls: list[str], size: int, batch: int, rounds: int,
     runs[impl], row[f'{impl}_compile_s'] = jax_step(name, impl, size, batch)
   for col in torch_columns:
     runs[col] = torch_step(name, size, batch, channels_last=col == 'torch_cl')
-  for run in runs.values():  # warm-up (allocations, torch's first-call costs)
-    run()
+  for _ in range(2):  # warm-up (allocations, torch's first-call costs)
+    for run in runs.values():
+      run()
   times: dict[str, list[float]] = {col: [] for col in runs}
   for _ in range(rounds):
     for col, run in runs.items():
+      # Let the previous column's worker threads stop spinning: right after a torch step the
+      # next column ran up to 2x slower (two columns compiling the same VGG-16 program differed
+      # 2x when one of them followed torch, and agreed without torch).
+      time.sleep(1.0)
       t = time.perf_counter()
       run()
       times[col].append(time.perf_counter() - t)
