@@ -5,8 +5,8 @@ With the YNNPACK convolutions this jaxlib uses by default, XLA:CPU runs the back
 `lax.conv_general_dilated` far below matmul speed (measured here, 2 cores, batch 16: the vjp of a
 56 x 56, 64 -> 256 1x1 convolution took 8x as long as the same product written with
 `dot_general`; see benchmarks/conv_impl.py). cxr_jax/xla_options.py now keeps YNNPACK away from
-convolutions, which closes most of that gap; 'matmul' is still ahead on VGG and DenseNet. Two
-rewrites, both with
+convolutions, which closes most of that gap; 'matmul' is still ahead on DenseNet-121 and
+level with or ahead of 'xla' on ResNet-50. Two rewrites, both with
 the parameters `flax.linen.Conv` has (`kernel` [kh, kw, C_in, C_out], optional `bias` [C_out],
 created in the same order, so initialisation, checkpoints and imported weights are unchanged):
 
@@ -17,8 +17,9 @@ created in the same order, so initialisation, checkpoints and imported weights a
   strided slices (`conv_weight_grad`): patches of the input, or at stride 1 of the output
   gradient where it has fewer channels, over the batch in chunks.
 - 'xla': `flax.linen.Conv`.
-- 'auto': 'matmul' on the CPU backend (measured fastest with cxr_jax/xla_options.py's options,
-  224 px, batch 16: VGG-16 1.98x 'xla', DenseNet-121 1.09x, ResNet-50 0.95x), 'xla' elsewhere
+- 'auto': 'matmul' on the CPU backend (with cxr_jax/xla_options.py's options, 224 px, batch 16,
+  three runs: DenseNet-121 1.09-1.62x 'xla', ResNet-50 0.95-1.36x; VGG has no 1x1 convolution,
+  so there it is XLA's convolutions), 'xla' elsewhere
   (GPU and TPU convolutions are cuDNN/MXU code these rewrites have not been measured against).
 """
 
@@ -74,18 +75,10 @@ def conv_taps(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, in
           for i in range(kh) for j in range(kw)]
 
 
-def conv_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
-                 padding: tuple[tuple[int, int], ...], dilation: tuple[int, int],
-                 out_hw: tuple[int, int]) -> jax.Array:
-  """x [B, H, W, C] -> patches [B, H', W', kh * kw * C], ordered (kh, kw, C) as an HWIO kernel
-  reshaped to [kh * kw * C, O]."""
-  taps = conv_taps(x, kernel_size, strides, padding, dilation, out_hw)
-  return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-
-
 # Weight gradients are computed over the batch in this many chunks (a scan): each chunk's patch
 # matrices stay a fraction of the whole batch's (for VGG's first block, 1.8 GB at batch 16), and
-# 4 chunks were fastest on the shapes measured (benchmarks/conv_impl.py --layers).
+# 4 chunks were fastest of 1, 4 and 16 images per chunk on the single-layer shapes timed (VGG
+# 224 px 64 -> 64, 112 px 128 -> 128, DenseNet 56 px 128 -> 32; batch 16, 2 cores).
 _WGRAD_CHUNKS = 4
 # Up to this many channels on the patched side, one matmul against all kh * kw taps at once;
 # wider, one matmul per tap (measured: the concatenation costs more than the wider product).
