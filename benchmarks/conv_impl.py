@@ -10,8 +10,14 @@ processes on a shared machine hits all columns alike; each column reports its fa
   python benchmarks/conv_impl.py --models=resnet50 --rounds=3 --json out.json
   python benchmarks/conv_impl.py --impls=xla,matmul --no_torch
   python benchmarks/conv_impl.py --models=mobilenet_v1 --impls=xla,matmul
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,reduce,individual_dot,eltwise \
+  python benchmarks/conv_impl.py --impls=matmul --cpu_fusions=dot,reduce,individual_dot,eltwise
+  python benchmarks/conv_impl.py --impls=xla,matmul --isolate --repeats=2   # fresh processes
+  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot \
       python benchmarks/conv_impl.py          # XLA_FLAGS win over cxr_jax/xla_options.py
+
+`--isolate` times each column in fresh processes of its own instead (alternating, `--repeats`
+processes per column): in one process a program timed next to torch or next to another compiled
+program ran up to 2x slower than alone.
 
 Columns: img/s per impl, its ratio to torch (and torch channels_last with
 `--channels_last`), the speed-up of the best impl over 'xla', compile seconds.
@@ -21,6 +27,7 @@ import argparse
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 from typing import Any
@@ -39,9 +46,11 @@ DEFAULT_MODELS = ('resnet50', 'densenet121', 'vgg16')
 NUM_CLASSES = 14
 
 
-def jax_step(name: str, impl: str, size: int, batch: int) -> tuple[Any, float]:
+def jax_step(name: str, impl: str, size: int, batch: int,
+             cpu_fusions: tuple[str, ...] = xla_options.DEFAULT_CPU_FUSIONS) -> tuple[Any, float]:
   """A zero-argument function running one train step of `name` with `conv_impl=impl` (state
-  carried between calls), and its compile seconds."""
+  carried between calls; compiled with `cpu_fusions`, as `config.cpu_fusions`), and its compile
+  seconds."""
   mesh = parallel.make_mesh()
   model = MODELS.get(name)(num_classes=NUM_CLASSES, conv_impl=impl,
                            bn_axis_name=parallel.DATA_AXIS)
@@ -51,7 +60,7 @@ def jax_step(name: str, impl: str, size: int, batch: int) -> tuple[Any, float]:
   data = parallel.to_global(
       {'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
        'labels': (rng.random((batch, NUM_CLASSES)) < 0.2).astype(np.float32)}, mesh)
-  step = make_train_step(model, tx, losses.get_loss('sigmoid_bce'), mesh)
+  step = make_train_step(model, tx, losses.get_loss('sigmoid_bce'), mesh, cpu_fusions=cpu_fusions)
   key = jax.random.key(1)
   t0 = time.perf_counter()
   compiled = step.lower(state, data, key).compile()
@@ -97,11 +106,12 @@ def torch_step(name: str, size: int, batch: int, channels_last: bool) -> Any:
 
 
 def bench_model(name: str, impls: list[str], size: int, batch: int, rounds: int,
-                torch_columns: list[str]) -> dict[str, Any]:
+                torch_columns: list[str],
+                cpu_fusions: tuple[str, ...] = xla_options.DEFAULT_CPU_FUSIONS) -> dict[str, Any]:
   """Interleaved rounds of one step per column; img/s of each column's fastest round."""
   runs, row = {}, {'model': name, 'size': size, 'batch': batch}
   for impl in impls:
-    runs[impl], row[f'{impl}_compile_s'] = jax_step(name, impl, size, batch)
+    runs[impl], row[f'{impl}_compile_s'] = jax_step(name, impl, size, batch, cpu_fusions)
   for col in torch_columns:
     runs[col] = torch_step(name, size, batch, channels_last=col == 'torch_cl')
   for _ in range(2):  # warm-up (allocations, torch's first-call costs)
@@ -130,6 +140,56 @@ def bench_model(name: str, impls: list[str], size: int, batch: int, rounds: int,
   return row
 
 
+def one_column(name: str, col: str, size: int, batch: int, rounds: int,
+               cpu_fusions: tuple[str, ...]) -> dict[str, Any]:
+  """Step seconds of one column alone in this process (`--isolate`'s worker)."""
+  if col.startswith('torch'):
+    run, compile_s = torch_step(name, size, batch, channels_last=col == 'torch_cl'), 0.0
+  else:
+    run, compile_s = jax_step(name, col, size, batch, cpu_fusions)
+  for _ in range(2):
+    run()
+  times = []
+  for _ in range(rounds):
+    t = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t)
+  return {'times': times, 'compile_s': compile_s}
+
+
+def bench_model_isolated(name: str, columns: list[str], args: argparse.Namespace,
+                         fusions: tuple[str, ...]) -> dict[str, Any]:
+  """Each column in fresh processes, the columns alternating `args.repeats` times; img/s of the
+  fastest step over all of a column's processes."""
+  row: dict[str, Any] = {'model': name, 'size': args.size, 'batch': args.batch}
+  times: dict[str, list[float]] = {c: [] for c in columns}
+  for _ in range(args.repeats):
+    for col in columns:
+      cmd = [sys.executable, __file__, f'--one={name}:{col}', f'--size={args.size}',
+             f'--batch={args.batch}', f'--rounds={args.rounds}',
+             f'--cpu_fusions={",".join(fusions)}']
+      out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if out.returncode:
+        raise RuntimeError(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
+      result = json.loads(out.stdout.strip().splitlines()[-1])
+      times[col] += result['times']
+      if not col.startswith('torch'):
+        row[f'{col}_compile_s'] = result['compile_s']
+  impls = [c for c in columns if not c.startswith('torch')]
+  for col, ts in times.items():
+    row[f'{col}_img_s'] = args.batch / min(ts)
+    row[f'{col}_s_all'] = ts
+  for impl in impls:
+    for col in columns:
+      if col.startswith('torch'):
+        row[f'{impl}_vs_{col}'] = row[f'{impl}_img_s'] / row[f'{col}_img_s']
+  if 'xla' in impls:
+    best = max(impls, key=lambda i: row[f'{i}_img_s'])
+    row['best'], row['speedup_vs_xla'] = best, row[f'{best}_img_s'] / row['xla_img_s']
+  row['loadavg_after'] = os.getloadavg()[0]
+  return row
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
@@ -140,29 +200,49 @@ def main() -> None:
   parser.add_argument('--channels_last', action='store_true', help='add a torch channels_last '
                       'column')
   parser.add_argument('--no_torch', action='store_true')
+  parser.add_argument('--cpu_fusions', default=','.join(xla_options.DEFAULT_CPU_FUSIONS),
+                      help="YNNPACK fusion types of the train steps (as config.cpu_fusions), e.g. "
+                      "'dot,reduce,individual_dot,eltwise'; '' for none")
+  parser.add_argument('--isolate', action='store_true', help='time every column in fresh '
+                      'processes of its own (no other program, no torch threads beside it), '
+                      'alternating --repeats times')
+  parser.add_argument('--repeats', type=int, default=2, help='processes per column (--isolate)')
+  parser.add_argument('--one', default=None, help=argparse.SUPPRESS)  # --isolate's worker
   parser.add_argument('--json', default=None, help='write the rows to this file')
   args = parser.parse_args()
+  fusions = xla_options.check_cpu_fusions(args.cpu_fusions, '--cpu_fusions')
+  if args.one:
+    name, col = args.one.split(':')
+    print(json.dumps(one_column(name, col, args.size, args.batch, args.rounds, fusions)))
+    return
   impls = args.impls.split(',')
   torch_columns = [] if args.no_torch else ['torch'] + (['torch_cl'] if args.channels_last
                                                          else [])
   print(f'JAX {jax.__version__} on {jax.device_count()} x {jax.default_backend()}; '
         f'{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; compiler options '
-        f'{xla_options.compiler_options()}; min of {args.rounds} interleaved rounds', flush=True)
+        f'{xla_options.compiler_options(fusions)}; ' + (
+            f'{args.repeats} fresh processes per column, min of {args.rounds} steps each'
+            if args.isolate else f'min of {args.rounds} interleaved rounds'), flush=True)
   cols = [f'{c}_img_s' for c in impls + torch_columns]
   cols += [f'{i}_vs_{c}' for i in impls for c in torch_columns]
   cols += ['speedup_vs_xla', 'loadavg_after']
   print(' | '.join(['model'] + cols), flush=True)
   rows = []
   for name in args.models.split(','):
-    row = bench_model(name, impls, args.size, args.batch, args.rounds, torch_columns)
+    if args.isolate:
+      row = bench_model_isolated(name, impls + torch_columns, args, fusions)
+    else:
+      row = bench_model(name, impls, args.size, args.batch, args.rounds, torch_columns, fusions)
     rows.append(row)
     print(' | '.join([name] + [f'{row[c]:.2f}' if c in row else '-' for c in cols]),
           flush=True)
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'xla_flags': os.environ.get('XLA_FLAGS', ''),
-                 'compiler_options': xla_options.compiler_options(), 'rows': rows}, f, indent=2)
+      json.dump({'xla_flags': os.environ.get('XLA_FLAGS', ''), 'isolate': args.isolate,
+                 'cpu_fusions': fusions,
+                 'compiler_options': xla_options.compiler_options(fusions), 'rows': rows},
+                f, indent=2)
 
 
 if __name__ == '__main__':

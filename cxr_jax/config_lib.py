@@ -21,6 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.name = ''
   c.seed = 0
   c.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators, parameters stay float32
+  # On XLA:CPU only: the YNNPACK fusion types the train step is compiled with
+  # (cxr_jax/xla_options.py). 'eltwise' speeds up the large networks' steps and slows small ones
+  # (measured per model; configs add it where it pays); ignored on GPUs and TPUs.
+  c.cpu_fusions = ('dot', 'reduce', 'individual_dot')
   c.stages = ('train_classifier', 'evaluate', 'fit_ood', 'report')
   # Training stages whose best checkpoints `evaluate` and `report` put side by side, in table
   # order: (stage, label in the tables) pairs.
@@ -298,7 +302,7 @@ def validate(config: ml_collections.ConfigDict, stage_names: Container[str] | No
 
 def _check_fields(config: ml_collections.ConfigDict) -> None:
   """The checks of `validate` that apply to one stage's effective config."""
-  from cxr_jax import evaluate, losses, metrics, optim
+  from cxr_jax import evaluate, losses, metrics, optim, xla_options
   from cxr_jax.data import ops
   from cxr_jax.data.labels import class_indices
   from cxr_jax.evaluators import EVALUATORS
@@ -306,6 +310,7 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
 
   _check('model.name', MODELS.get, config.model.name)
   _check('dtype', parse_dtype, config.dtype)
+  xla_options.check_cpu_fusions(tuple(config.get('cpu_fusions', ())))  # names config.cpu_fusions
   _check('loss', losses.get_loss, config.loss)
   _check('optimizer.name', optim.OPTIMIZERS.get, config.optimizer.name)
   _check('optimizer.schedule.name', optim.SCHEDULES.get, config.optimizer.schedule.name)

@@ -110,7 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
     step_fn = make_train_step(model, tx, losses.get_loss(config.loss), mesh,
                               target=config.data.get('target', 'labels'),
                               inputs=tuple(config.data.get('inputs', ())),
-                              nan_policy=config.get('nan_policy', 'stop'))
+                              nan_policy=config.get('nan_policy', 'stop'),
+                              cpu_fusions=tuple(config.cpu_fusions))
     first_batch = next(train_input)
     train_iter = itertools.chain([first_batch], train_input)
     image_shape = tuple(int(d) for d in first_batch['image'].shape[1:])

@@ -7,7 +7,7 @@ over `data`, and the optimiser update runs on the replicated, identical gradient
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -75,7 +75,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_fn: losses.LossFn, mesh: jax.sharding.Mesh, *,
                     target: str = 'labels', inputs: tuple[str, ...] = (),
-                    nan_policy: str = 'stop'
+                    nan_policy: str = 'stop',
+                    cpu_fusions: Sequence[str] = xla_options.DEFAULT_CPU_FUSIONS
                     ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """Returns jit(step)(state, batch, key) -> (state, metrics); the state is donated.
@@ -89,6 +90,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   (e.g. 'labels' [B, K]) and the model's extra `inputs` (passed to the model by name).
   Losses see the local shard; one that needs global batch statistics (counts over the whole
   batch) computes them with collectives over `parallel.DATA_AXIS` (`losses.LossFn`).
+
+  cpu_fusions: the YNNPACK fusion types the step is compiled with on XLA:CPU
+  (cxr_jax/xla_options.py; `config.cpu_fusions`); no effect on other backends.
   """
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f'config.nan_policy={nan_policy!r}; valid: {", ".join(NAN_POLICIES)}')
@@ -115,7 +119,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P(axis), P()),
       out_specs=(P(), P(), P()))
 
-  @functools.partial(xla_options.jit, donate_argnums=(0,))
+  @functools.partial(xla_options.jit, donate_argnums=(0,), cpu_fusions=cpu_fusions)
   def step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
     key = jax.random.fold_in(key, state.step)
     loss, grads, batch_stats = sharded_grads(state.params, state.batch_stats, batch['image'],

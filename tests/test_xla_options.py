@@ -54,7 +54,8 @@ def test_users_xla_flags_win(fresh_options, monkeypatch):
 
 
 def test_an_option_this_jaxlib_lacks_is_left_out(fresh_options, monkeypatch):
-  monkeypatch.setattr(xla_options, 'CPU_OPTIONS', {'xla_cpu_no_such_option_anywhere': 'x'})
+  monkeypatch.setattr(xla_options, 'cpu_options', lambda fusions: {
+      'xla_cpu_no_such_option_anywhere': 'x'})
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
   assert xla_options.compiler_options() == {}
 
@@ -102,3 +103,61 @@ def test_library_code_jits_through_xla_options():
     if hits:
       found[str(path.relative_to(root))] = len(hits)
   assert found == {'xla_options.py': 2, 'train_step.py': 1}, found
+
+
+def _ynn_fusions(compiled_text: str) -> int:
+  return len(re.findall(r'%ynn_fusion[.\d]* = ', compiled_text))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='CPU options only')
+def test_cpu_fusions_choose_what_ynnpack_gets(fresh_options):
+  f = lambda x, y: jnp.maximum(x * y + 1.0, 0.0)  # noqa: E731  (element-wise only)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)), jnp.float32)
+  counts = {fusions: _ynn_fusions(xla_options.jit(f, cpu_fusions=fusions).lower(x, x)
+                                  .compile().as_text())
+            for fusions in (xla_options.DEFAULT_CPU_FUSIONS, ('eltwise',), ())}
+  assert counts[xla_options.DEFAULT_CPU_FUSIONS] == 0 and counts[()] == 0, counts
+  assert counts[('eltwise',)] >= 1, counts
+  np.testing.assert_allclose(xla_options.jit(f, cpu_fusions=('eltwise',))(x, x), f(x, x),
+                             rtol=1e-6, atol=1e-6)
+  assert xla_options.compiler_options(('eltwise', 'dot')) == {
+      'xla_cpu_experimental_ynn_fusion_type':
+      'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_DOT'}
+
+
+def test_unknown_cpu_fusion_names_the_key():
+  with pytest.raises(ValueError, match=r"cpu_fusions: unknown YNNPACK fusion type\(s\) 'conv'; "
+                     r'valid: dot, reduce'):
+    xla_options.jit(lambda x: x, cpu_fusions=('dot', 'conv'))
+  from cxr_jax import config_lib
+  config = config_lib.base_config()
+  config.cpu_fusions = ('eltwise', 'elementwise')
+  with pytest.raises(ValueError, match=r"^config\.cpu_fusions: unknown .*'elementwise'"):
+    config_lib.validate(config)
+  assert xla_options.check_cpu_fusions('dot,eltwise') == ('dot', 'eltwise')
+  assert xla_options.check_cpu_fusions(('dot,eltwise',)) == ('dot', 'eltwise')  # a flag's value
+  assert xla_options.check_cpu_fusions('') == ()
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='CPU options only')
+def test_train_step_is_compiled_with_the_configs_cpu_fusions(fresh_options):
+  """`config.cpu_fusions` reaches the train step (cxr_jax/train.py passes it)."""
+  from cxr_jax import losses, optim, parallel
+  from cxr_jax.config_lib import base_config
+  from cxr_jax.models import MODELS
+  from cxr_jax.train_step import create_train_state, make_train_step
+  mesh = parallel.make_mesh()
+  model = MODELS.get('custom_cnn')(num_classes=2, widths=(4, 4, 4, 4, 4), hidden=8)
+  tx = optim.build_optimizer(base_config().optimizer, 10)
+  state = create_train_state(model, tx, (64, 64, 1), jax.random.key(0), mesh)
+  n = mesh.size
+  batch = parallel.to_global({'image': np.zeros((2 * n, 64, 64, 1), np.float32),
+                              'labels': np.zeros((2 * n, 2), np.float32)}, mesh)
+  texts = {}
+  for fusions in (xla_options.DEFAULT_CPU_FUSIONS, ('eltwise',)):
+    step = make_train_step(model, tx, losses.get_loss('sigmoid_bce'), mesh, cpu_fusions=fusions)
+    texts[fusions] = step.lower(state, batch, jax.random.key(1)).compile().as_text()
+  assert _ynn_fusions(texts[('eltwise',)]) > 0
+  assert 'ELTWISE' not in str(xla_options.compiler_options())
+  assert len(re.findall(r'%ynn_fusion[^\n]*kind=kCustom', texts[('eltwise',)])) > len(
+      re.findall(r'%ynn_fusion[^\n]*kind=kCustom', texts[xla_options.DEFAULT_CPU_FUSIONS]))
