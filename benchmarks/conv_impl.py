@@ -127,17 +127,37 @@ def bench_model(name: str, impls: list[str], size: int, batch: int, rounds: int,
       t = time.perf_counter()
       run()
       times[col].append(time.perf_counter() - t)
+  return summarise(row, times, batch)
+
+
+def summarise(row: dict[str, Any], times: dict[str, list[float]], batch: int) -> dict[str, Any]:
+  """Adds img/s of each column's fastest step (columns: impls and 'torch*'), each impl's ratio
+  to each torch column and the best impl's speed-up over 'xla' to `row`."""
+  impls = [c for c in times if not c.startswith('torch')]
   for col, ts in times.items():
     row[f'{col}_img_s'] = batch / min(ts)
     row[f'{col}_s_all'] = ts
   for impl in impls:
-    for col in torch_columns:
-      row[f'{impl}_vs_{col}'] = row[f'{impl}_img_s'] / row[f'{col}_img_s']
+    for col in times:
+      if col.startswith('torch'):
+        row[f'{impl}_vs_{col}'] = row[f'{impl}_img_s'] / row[f'{col}_img_s']
   if 'xla' in impls:
     best = max(impls, key=lambda i: row[f'{i}_img_s'])
     row['best'], row['speedup_vs_xla'] = best, row[f'{best}_img_s'] / row['xla_img_s']
   row['loadavg_after'] = os.getloadavg()[0]
   return row
+
+
+def step_times(run: Any, rounds: int, warmup: int = 2) -> list[float]:
+  """Seconds of `rounds` calls of `run` after `warmup` untimed ones."""
+  for _ in range(warmup):
+    run()
+  times = []
+  for _ in range(rounds):
+    t = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t)
+  return times
 
 
 def one_column(name: str, col: str, size: int, batch: int, rounds: int,
@@ -147,14 +167,7 @@ def one_column(name: str, col: str, size: int, batch: int, rounds: int,
     run, compile_s = torch_step(name, size, batch, channels_last=col == 'torch_cl'), 0.0
   else:
     run, compile_s = jax_step(name, col, size, batch, cpu_fusions)
-  for _ in range(2):
-    run()
-  times = []
-  for _ in range(rounds):
-    t = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t)
-  return {'times': times, 'compile_s': compile_s}
+  return {'times': step_times(run, rounds), 'compile_s': compile_s}
 
 
 def bench_model_isolated(name: str, columns: list[str], args: argparse.Namespace,
@@ -175,19 +188,7 @@ def bench_model_isolated(name: str, columns: list[str], args: argparse.Namespace
       times[col] += result['times']
       if not col.startswith('torch'):
         row[f'{col}_compile_s'] = result['compile_s']
-  impls = [c for c in columns if not c.startswith('torch')]
-  for col, ts in times.items():
-    row[f'{col}_img_s'] = args.batch / min(ts)
-    row[f'{col}_s_all'] = ts
-  for impl in impls:
-    for col in columns:
-      if col.startswith('torch'):
-        row[f'{impl}_vs_{col}'] = row[f'{impl}_img_s'] / row[f'{col}_img_s']
-  if 'xla' in impls:
-    best = max(impls, key=lambda i: row[f'{i}_img_s'])
-    row['best'], row['speedup_vs_xla'] = best, row[f'{best}_img_s'] / row['xla_img_s']
-  row['loadavg_after'] = os.getloadavg()[0]
-  return row
+  return summarise(row, times, args.batch)
 
 
 def main() -> None:

@@ -53,13 +53,7 @@ def step_images_per_s(model: str, size: int, batch: int, rounds: int) -> float:
   import conv_impl  # noqa: PLC0415
 
   run, _ = conv_impl.jax_step(model, 'auto', size, batch)
-  run()
-  times = []
-  for _ in range(rounds):
-    t = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t)
-  return batch / min(times)
+  return batch / min(conv_impl.step_times(run, rounds, warmup=1))
 
 
 def main() -> None:
