@@ -30,6 +30,7 @@ from cxr_jax import (
   optim,
   parallel,
   preemption,
+  xla_options,
 )
 from cxr_jax.data import pipeline
 from cxr_jax.evaluators import EVALUATORS
@@ -111,7 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, stage_dir: epath.Path
                               target=config.data.get('target', 'labels'),
                               inputs=tuple(config.data.get('inputs', ())),
                               nan_policy=config.get('nan_policy', 'stop'),
-                              cpu_fusions=tuple(config.cpu_fusions))
+                              cpu_fusions=tuple(config.get('cpu_fusions',
+                                                           xla_options.DEFAULT_CPU_FUSIONS)))
     first_batch = next(train_input)
     train_iter = itertools.chain([first_batch], train_input)
     image_shape = tuple(int(d) for d in first_batch['image'].shape[1:])
