@@ -4,14 +4,17 @@ the same way, in the same run.
 
 Each side: SGD momentum 0.9, L2 5e-4 on weights, softmax cross entropy on 2 classes, one
 compiled / warmed-up step first, then the minimum over `--repeats` timed steps (shared
-machines: the minimum is the least disturbed). Prints a table; `--json FILE` writes the rows.
+machines: the minimum is the least disturbed). Each cxr_jax step is compiled with its config's
+`cpu_fusions` (configs/tb/custom_cnn.py, vgg16.py). Prints a table; `--json FILE` writes the rows.
 
   python benchmarks/tb_train_step.py                  # CPU: custom CNN 227 px b16, VGG16 b4
   python benchmarks/tb_train_step.py --batch 64 --vgg_batch 32   # an accelerator
 """
 
 import argparse
+import importlib.util
 import json
+import pathlib
 import time
 
 import jax
@@ -43,7 +46,17 @@ def _min_time(fn, repeats: int) -> float:
   return best
 
 
-def jax_step(model_cfg: dict, size: int, batch: int, repeats: int, multipliers=None) -> float:
+def config_cpu_fusions(name: str) -> tuple[str, ...]:
+  """`cpu_fusions` of configs/tb/<name>.py (what a run of that config compiles with)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tb' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(f'tb_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return tuple(module.get_config().cpu_fusions)
+
+
+def jax_step(model_cfg: dict, size: int, batch: int, repeats: int, multipliers=None,
+             cpu_fusions: tuple[str, ...] = ('dot', 'reduce', 'individual_dot')) -> float:
   mesh = parallel.make_mesh()
   model = build_model(ml_collections.ConfigDict(model_cfg), num_classes=2,
                       bn_axis_name=parallel.DATA_AXIS)
@@ -52,7 +65,8 @@ def jax_step(model_cfg: dict, size: int, batch: int, repeats: int, multipliers=N
   rng = np.random.default_rng(0)
   data = parallel.to_global({'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
                              'label': rng.integers(0, 2, batch).astype(np.int32)}, mesh)
-  step = make_train_step(model, tx, losses.get_loss('softmax_ce'), mesh, target='label')
+  step = make_train_step(model, tx, losses.get_loss('softmax_ce'), mesh, target='label',
+                         cpu_fusions=cpu_fusions)
   holder = {'state': state}
   key = jax.random.key(1)
 
@@ -116,12 +130,14 @@ def main() -> None:
   import torch
   import torchvision
   rows = []
-  jt = jax_step({'name': 'custom_cnn'}, 227, args.batch, args.repeats)
+  jt = jax_step({'name': 'custom_cnn'}, 227, args.batch, args.repeats,
+                cpu_fusions=config_cpu_fusions('custom_cnn'))
   model, head = torch_custom_cnn(227)
   tt = torch_step(model, head, 227, args.batch, args.repeats)
   rows.append({'model': 'custom CNN (LRN), from scratch', 'size': 227, 'batch': args.batch,
                'jax_s': jt, 'torch_s': tt})
-  jt = jax_step({'name': 'vgg16'}, 224, args.vgg_batch, args.repeats, {'classifier_6': 20.0})
+  jt = jax_step({'name': 'vgg16'}, 224, args.vgg_batch, args.repeats, {'classifier_6': 20.0},
+                cpu_fusions=config_cpu_fusions('vgg16'))
   vgg = torchvision.models.vgg16(num_classes=2)
   tt = torch_step(vgg, vgg.classifier[6], 224, args.vgg_batch, args.repeats, 20.0)
   rows.append({'model': 'VGG16 fine-tune (head x20)', 'size': 224, 'batch': args.vgg_batch,
