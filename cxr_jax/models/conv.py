@@ -40,13 +40,13 @@ CONV_IMPLS = ('auto', 'xla', 'matmul', 'patches')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def resolve_conv_impl(impl: str, cpu_default: str = 'matmul') -> str:
-  """'auto' -> the implementation for the default backend (`cpu_default` on the CPU, 'xla'
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' -> the implementation for the default backend ('matmul' on the CPU, 'xla'
   elsewhere); others are checked and returned."""
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl={impl!r}; valid: {CONV_IMPLS}')
   if impl == 'auto':
-    return cpu_default if jax.default_backend() == 'cpu' else 'xla'
+    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
   return impl
 
 

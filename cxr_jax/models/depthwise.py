@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cxr_jax.models.conv import conv_taps
+
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
   """TF/XLA 'SAME' padding (extra pixel after), for one spatial dimension; a dilated kernel
@@ -31,18 +33,13 @@ def depthwise_conv_shifts(x: jax.Array, kernel: jax.Array, stride: int,
   H' = ceil(H / stride); tap (i, j) reads the input `dilation` * (i, j) pixels further."""
   kh, kw = kernel.shape[:2]
   _, h, w, _ = x.shape
-  ph, pw = same_padding(h, kh, stride, dilation), same_padding(w, kw, stride, dilation)
-  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-  ho, wo = -(-h // stride), -(-w // stride)
+  padding = (same_padding(h, kh, stride, dilation), same_padding(w, kw, stride, dilation))
+  taps = conv_taps(x, (kh, kw), (stride, stride), padding, (dilation, dilation),
+                   (-(-h // stride), -(-w // stride)))
   out = None
-  for i in range(kh):
-    for j in range(kw):
-      di, dj = i * dilation, j * dilation
-      tap = lax.slice(xp, (0, di, dj, 0),
-                      (xp.shape[0], di + (ho - 1) * stride + 1, dj + (wo - 1) * stride + 1,
-                       xp.shape[3]), (1, stride, stride, 1))
-      term = tap * kernel[i, j, 0]
-      out = term if out is None else out + term
+  for (i, j), tap in zip(((i, j) for i in range(kh) for j in range(kw)), taps, strict=True):
+    term = tap * kernel[i, j, 0]
+    out = term if out is None else out + term
   return out
 
 
