@@ -12,12 +12,16 @@ processes on a shared machine hits all columns alike; each column reports its fa
   python benchmarks/conv_impl.py --models=mobilenet_v1 --impls=xla,matmul
   python benchmarks/conv_impl.py --impls=matmul --cpu_fusions=dot,reduce,individual_dot,eltwise
   python benchmarks/conv_impl.py --impls=xla,matmul --isolate --repeats=2   # fresh processes
+  python benchmarks/conv_impl.py --models=densenet121 --impls=matmul@autodiff,matmul@fused
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot \
       python benchmarks/conv_impl.py          # XLA_FLAGS win over cxr_jax/xla_options.py
 
 `--isolate` times each column in fresh processes of its own instead (alternating, `--repeats`
 processes per column): in one process a program timed next to torch or next to another compiled
 program ran up to 2x slower than alone.
+
+A column `<conv_impl>@<bn_impl>` also picks the BatchNorm gradient (cxr_jax/models/batch_norm.py:
+'fused', the models' default, or 'autodiff', flax's).
 
 Columns: img/s per impl, its ratio to torch (and torch channels_last with
 `--channels_last`), the speed-up of the best impl over 'xla', compile seconds.
@@ -50,10 +54,12 @@ def jax_step(name: str, impl: str, size: int, batch: int,
              cpu_fusions: tuple[str, ...] = xla_options.DEFAULT_CPU_FUSIONS) -> tuple[Any, float]:
   """A zero-argument function running one train step of `name` with `conv_impl=impl` (state
   carried between calls; compiled with `cpu_fusions`, as `config.cpu_fusions`), and its compile
-  seconds."""
+  seconds. `impl` 'matmul@autodiff' also sets the model's `bn_impl` (ResNets, DenseNets)."""
   mesh = parallel.make_mesh()
+  impl, _, bn_impl = impl.partition('@')
   model = MODELS.get(name)(num_classes=NUM_CLASSES, conv_impl=impl,
-                           bn_axis_name=parallel.DATA_AXIS)
+                           bn_axis_name=parallel.DATA_AXIS,
+                           **({'bn_impl': bn_impl} if bn_impl else {}))
   tx = optim.build_optimizer(base_config().optimizer, 100)
   state = create_train_state(model, tx, (size, size, 3), jax.random.key(0), mesh)
   rng = np.random.default_rng(0)

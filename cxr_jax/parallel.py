@@ -16,6 +16,26 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = 'data'
 
 
+def match_varying(a: jax.Array, like: jax.Array) -> jax.Array:
+  """`a` marked varying over the mesh axes `like` varies over (inside `shard_map`; a no-op
+  outside), as autodiff marks a replicated parameter that meets per-device data. A
+  `jax.custom_vjp` taking a parameter needs this: its per-device gradient must have the type of
+  its input, and the transpose of this cast sums that gradient over the axes, as autodiff does."""
+  def vma(x: jax.Array) -> frozenset:
+    aval = jax.typeof(x)
+    if hasattr(aval, 'vma'):  # JAX 0.11+
+      return frozenset(aval.vma)
+    manual = getattr(aval, 'manual_axis_type', None)  # JAX 0.10
+    return frozenset(manual.varying) if manual is not None else frozenset()
+
+  missing = tuple(sorted(vma(like) - vma(a)))
+  if not missing:
+    return a
+  if hasattr(jax.lax, 'pcast'):
+    return jax.lax.pcast(a, missing, to='varying')
+  return jax.lax.pvary(a, missing)  # JAX versions before pcast
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   """A 1-D mesh over all (or the first `num_devices`) devices of all processes."""
   devices = jax.devices()

@@ -13,11 +13,12 @@ YNNPACK's element-wise fusions ('eltwise') are a per-config choice, `config.cpu_
 passed to the train step. Measured (224 px, batch 16, each program in fresh processes,
 `benchmarks/conv_impl.py --isolate`): ResNet-50 4.2 s per step with the defaults ('matmul'
 convolutions) and with 'eltwise' alone, 3.5 s with 'eltwise' and XLA's convolutions
-(`conv_impl='xla'`); DenseNet-121 3.9 -> 3.65 s ('matmul'); small networks get slower,
+(`conv_impl='xla'`); DenseNet-121 3.9 -> 3.65 s ('matmul'; 3.2 s with 'xla' once BatchNorm's
+gradient was hand-written, cxr_jax/models/batch_norm.py); small networks get slower,
 MobileNet above all: its depthwise layers (sums of shifted slices times per-channel weights)
 then get each weight broadcast to a full-size tensor in memory (the demo's MobileNet, 64 px,
 batch 32: 0.067-0.075 -> 0.084-0.103 s per step). The full configs of papers 001, 002 and 004
-add it (their ResNets with `conv_impl='xla'`), their demos do not (no gain at demo size); paper
+add it (their ResNets and DenseNets with `conv_impl='xla'`), their demos do not (no gain at demo size); paper
 003's custom CNN adds it everywhere (LRN and ReLU around small convolutions: 1.2-1.7x faster).
 
 The options are per program (`jax.jit(..., compiler_options=...)`), not `XLA_FLAGS`: a jaxlib

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cxr_jax import parallel
+
 CONV_IMPLS = ('auto', 'xla', 'matmul', 'patches')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -168,25 +170,6 @@ def _patches_bwd(strides, padding, dilation, residuals, g):
 patches_conv.defvjp(_patches_fwd, _patches_bwd)
 
 
-def _match_varying(kernel: jax.Array, x: jax.Array) -> jax.Array:
-  """Marks `kernel` varying over the mesh axes `x` varies over (inside `shard_map`), so that the
-  custom vjp's per-device weight gradient has the type of its input; the transpose of that
-  cast sums the gradient over the axes, as autodiff does for a replicated parameter."""
-  def vma(a: jax.Array) -> frozenset:
-    aval = jax.typeof(a)
-    if hasattr(aval, 'vma'):  # JAX 0.11+
-      return frozenset(aval.vma)
-    manual = getattr(aval, 'manual_axis_type', None)  # JAX 0.10
-    return frozenset(manual.varying) if manual is not None else frozenset()
-
-  missing = tuple(sorted(vma(x) - vma(kernel)))
-  if not missing:
-    return kernel
-  if hasattr(lax, 'pcast'):
-    return lax.pcast(kernel, missing, to='varying')
-  return lax.pvary(kernel, missing)  # JAX versions before pcast
-
-
 def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                    padding: tuple[tuple[int, int], ...]) -> jax.Array:
   """1x1 convolution as a matmul over channels: x [B, H, W, C], kernel [1, 1, C, O]."""
@@ -234,7 +217,7 @@ class Conv(nn.Module):
     if impl != 'xla' and kernel_size == (1, 1):
       y = pointwise_conv(x, kernel, strides, padding)
     elif impl == 'patches':
-      y = patches_conv(x, _match_varying(kernel, x), strides, padding, dilation)
+      y = patches_conv(x, parallel.match_varying(kernel, x), strides, padding, dilation)
     else:
       y = xla_conv(x, kernel, strides, padding, dilation)
     return y if bias is None else y + bias

@@ -37,9 +37,10 @@ import numpy as np
 from cxr_jax.attention.feature_weighting import weigh_features
 from cxr_jax.attention.multiscale import MultiScaleAttention
 from cxr_jax.models import MODELS
+from cxr_jax.models.batch_norm import batch_norm
 from cxr_jax.models.conv import Conv
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
-from cxr_jax.models.resnet import batch_norm, convert_torchvision
+from cxr_jax.models.resnet import convert_torchvision
 
 # (growth rate, block config, stem channels) of torchvision's DenseNets.
 DENSENET_CONFIGS: dict[str, tuple[int, tuple[int, ...], int]] = {
@@ -59,6 +60,12 @@ def _conv(features: int, k: int, stride: int, dtype: Any, name: str, impl: str =
               use_bias=False, kernel_init=conv_init, dtype=dtype, impl=impl, name=name)
 
 
+def _bn_relu(module: nn.Module, train: bool) -> Callable[[str], nn.Module]:
+  """name -> BatchNorm fused with the ReLU after it (cxr_jax/models/batch_norm.py)."""
+  return functools.partial(batch_norm, module.bn_axis_name, module.dtype, train=train,
+                           activation='relu', impl=module.bn_impl)
+
+
 class DenseLayer(nn.Module):
   """BN-ReLU-1x1 conv (bn_size * k) - BN-ReLU-3x3 conv (k = growth): [B,H,W,C] -> [B,H,W,k]."""
 
@@ -68,12 +75,14 @@ class DenseLayer(nn.Module):
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
+  bn_impl: str = 'auto'  # see cxr_jax/models/batch_norm.py
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    y = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm1', train)(x))
+    bn_relu = _bn_relu(self, train)
+    y = bn_relu('norm1')(x)
     y = _conv(self.bn_size * self.growth_rate, 1, 1, self.dtype, 'conv1', self.conv_impl)(y)
-    y = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm2', train)(y))
+    y = bn_relu('norm2')(y)
     y = _conv(self.growth_rate, 3, 1, self.dtype, 'conv2', self.conv_impl)(y)
     return nn.Dropout(self.drop_rate, deterministic=not train)(y)
 
@@ -88,12 +97,14 @@ class DenseBlock(nn.Module):
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
+  bn_impl: str = 'auto'  # see cxr_jax/models/batch_norm.py
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(1, self.num_layers + 1):
       y = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.bn_axis_name,
-                     self.dtype, conv_impl=self.conv_impl, name=f'denselayer{i}')(x, train=train)
+                     self.dtype, conv_impl=self.conv_impl, bn_impl=self.bn_impl,
+                     name=f'denselayer{i}')(x, train=train)
       x = jnp.concatenate([x, y], axis=-1)
     return x
 
@@ -105,10 +116,11 @@ class Transition(nn.Module):
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = 'xla'
+  bn_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm', train)(x))
+    x = _bn_relu(self, train)('norm')(x)
     x = _conv(self.features, 1, 1, self.dtype, 'conv', self.conv_impl)(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
@@ -133,6 +145,9 @@ class DenseNet(nn.Module):
     mask_channels: S, the structures of `masks` (left lung, right lung, heart).
     conv_impl: how convolutions are computed ('auto': 1x1 convolutions as matmuls on the CPU,
       where XLA's convolution gradients are slow; see cxr_jax/models/conv.py); same parameters.
+    bn_impl: BatchNorm (+ the ReLU after it)'s training gradient: 'fused' (hand-written, two
+      passes over the map), 'autodiff' (flax's) or 'auto' ('fused' on the CPU, 'autodiff'
+      elsewhere); same parameters and values (cxr_jax/models/batch_norm.py).
   """
 
   num_classes: int
@@ -150,6 +165,7 @@ class DenseNet(nn.Module):
   fw_binarize: bool = True
   mask_channels: int = 3
   conv_impl: str = 'auto'
+  bn_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False,
@@ -177,19 +193,20 @@ class DenseNet(nn.Module):
       x = MultiScaleAttention(stride=self.msa_stride, dtype=self.dtype, name='msa')(x)
     x = x.astype(self.dtype)
     x = _conv(self.num_init_features, 7, 2, self.dtype, 'conv0', self.conv_impl)(x)
-    x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'norm0', train)(x))
+    x = _bn_relu(self, train)('norm0')(x)
     self.sow('intermediates', 'stem', x)
     # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_layers in enumerate(self.block_config, start=1):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
                      self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,
-                     name=f'dense_block{i}')(x, train=train)
+                     bn_impl=self.bn_impl, name=f'dense_block{i}')(x, train=train)
       self.sow('intermediates', f'denseblock{i}', x)
       if i < len(self.block_config):
         x = Transition(x.shape[-1] // 2, self.bn_axis_name, self.dtype,
-                       conv_impl=self.conv_impl, name=f'transition{i}')(x, train=train)
-    x = batch_norm(self.bn_axis_name, self.dtype, 'norm5', train)(x)
+                       conv_impl=self.conv_impl, bn_impl=self.bn_impl,
+                       name=f'transition{i}')(x, train=train)
+    x = batch_norm(self.bn_axis_name, self.dtype, 'norm5', train, impl=self.bn_impl)(x)
     if self.feature_weighting:
       x = nn.sigmoid(x) if self.fw_sigmoid else nn.relu(x)
       self.sow('intermediates', 'global_features', x)

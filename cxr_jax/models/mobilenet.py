@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cxr_jax.models import MODELS
+from cxr_jax.models.batch_norm import BatchNorm
 from cxr_jax.models.conv import Conv
 from cxr_jax.models.depthwise import DepthwiseConv, same_padding
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
@@ -33,7 +34,7 @@ MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
     (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
 )
 
-ACTIVATIONS = {'relu': nn.relu, 'relu6': nn.relu6}
+ACTIVATIONS = ('relu', 'relu6')  # applied by BatchNorm (fused)
 
 
 class ConvBN(nn.Module):
@@ -50,6 +51,7 @@ class ConvBN(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   bn_axis_name: str | None = None
+  bn_impl: str = 'auto'  # see cxr_jax/models/batch_norm.py
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -63,13 +65,12 @@ class ConvBN(nn.Module):
       x = Conv(self.features, (k, k), strides=s, padding=pad, use_bias=False,
                kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
                impl=self.conv_impl, name='conv')(x)
-    x = nn.BatchNorm(
+    # Two-pass variance (as batch_norm.py computes it): E[x^2] - E[x]^2 cancels badly in float32
+    # on small late-layer maps, enough to make 8-device and 1-device steps differ by 1e-3.
+    return BatchNorm(
         use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
-        # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32 on small late-layer maps,
-        # enough to make 8-device and 1-device steps differ by 1e-3.
-        use_fast_variance=False, name='bn')(x)
-    return ACTIVATIONS[self.activation](x)
+        activation=self.activation, impl=self.bn_impl, name='bn')(x)
 
 
 @MODELS.register('mobilenet_v1')
@@ -93,6 +94,9 @@ class MobileNetV1(nn.Module):
       for about 4x the FLOPs.
     dtype: compute dtype; parameters stay float32.
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
+    bn_impl: BatchNorm + activation's training gradient: 'fused' (hand-written, two passes over
+      the map), 'autodiff' (flax's) or 'auto' ('fused' on the CPU, 'autodiff' elsewhere); same
+      parameters and values (cxr_jax/models/batch_norm.py).
   """
 
   num_classes: int
@@ -108,6 +112,7 @@ class MobileNetV1(nn.Module):
   output_stride: int = 32
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  bn_impl: str = 'auto'
 
   def _width(self, channels: int) -> int:
     return max(self.min_channels, int(channels * self.width_multiplier))
@@ -143,7 +148,7 @@ class MobileNetV1(nn.Module):
     conv = lambda **kw: ConvBN(
         depthwise_impl=self.depthwise_impl, conv_impl=self.conv_impl, activation=self.activation,
         bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-        bn_axis_name=self.bn_axis_name, dtype=self.dtype, **kw)
+        bn_axis_name=self.bn_axis_name, bn_impl=self.bn_impl, dtype=self.dtype, **kw)
     strides = self.block_strides()
     x = x.astype(self.dtype)
     x = conv(features=self._width(32), kernel_size=3, strides=2, name='stem')(x, train=train)

@@ -43,6 +43,7 @@ from cxr_jax.attention import disease_masks as dm
 from cxr_jax.attention import space_attention
 from cxr_jax.attention.squeeze_excite import SqueezeExcite
 from cxr_jax.models import MODELS
+from cxr_jax.models.batch_norm import batch_norm
 from cxr_jax.models.conv import Conv
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
 
@@ -57,19 +58,6 @@ RESNET_STAGES: dict[str, tuple[tuple[int, ...], bool]] = {
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu') for every convolution.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-def batch_norm(bn_axis_name: str | None, dtype: Any, name: str, train: bool) -> nn.BatchNorm:
-  """torchvision's BatchNorm2d defaults (eps 1e-5, momentum 0.1 = flax's 0.9) on flax BatchNorm.
-
-  (torch updates its running variance with the unbiased batch variance, flax with the biased
-  one: a factor n / (n - 1) on the statistics that training accumulates, nothing else.)
-  """
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5,
-      axis_name=bn_axis_name if train else None, dtype=dtype,
-      # Two-pass variance, as in mobilenet.ConvBN: E[x^2] - E[x]^2 cancels badly in float32.
-      use_fast_variance=False, name=name)
 
 
 # torchvision pads symmetrically (dilation * (k // 2)); 'SAME' would pad (2, 3) for a stride-2
@@ -93,16 +81,18 @@ class BasicBlock(nn.Module):
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
+  bn_impl: str = 'auto'  # see cxr_jax/models/batch_norm.py
 
   expansion = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    bn = lambda name: batch_norm(self.bn_axis_name, self.dtype, name, train)
+    bn = functools.partial(batch_norm, self.bn_axis_name, self.dtype, train=train,
+                           impl=self.bn_impl)
     out_ch = self.features * self.expansion
     y = _conv(self.features, 3, self.stride, self.dtype, 'conv1', self.dilation,
               self.conv_impl)(x)
-    y = nn.relu(bn('bn1')(y))
+    y = bn('bn1', activation='relu')(y)
     y = _conv(self.features, 3, 1, self.dtype, 'conv2', self.dilation,
               self.conv_impl)(y)
     y = bn('bn2')(y)
@@ -120,19 +110,21 @@ class Bottleneck(nn.Module):
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = 'xla'  # see cxr_jax/models/conv.py
+  bn_impl: str = 'auto'  # see cxr_jax/models/batch_norm.py
 
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    bn = lambda name: batch_norm(self.bn_axis_name, self.dtype, name, train)
+    bn = functools.partial(batch_norm, self.bn_axis_name, self.dtype, train=train,
+                           impl=self.bn_impl)
     out_ch = self.features * self.expansion
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     y = _conv(self.features, 1, s1, self.dtype, 'conv1', impl=self.conv_impl)(x)
-    y = nn.relu(bn('bn1')(y))
+    y = bn('bn1', activation='relu')(y)
     y = _conv(self.features, 3, s3, self.dtype, 'conv2', self.dilation,
               self.conv_impl)(y)
-    y = nn.relu(bn('bn2')(y))
+    y = bn('bn2', activation='relu')(y)
     y = _conv(out_ch, 1, 1, self.dtype, 'conv3', impl=self.conv_impl)(y)
     y = bn('bn3')(y)
     return _finish(self, x, y, out_ch, train)
@@ -145,7 +137,8 @@ def _finish(block: BasicBlock | Bottleneck, x: jax.Array, y: jax.Array, out_ch: 
     y = SqueezeExcite(block.se_reduction, dtype=block.dtype, name='se')(y)
   if block.stride != 1 or x.shape[-1] != out_ch:
     x = _conv(out_ch, 1, block.stride, block.dtype, 'downsample_conv', impl=block.conv_impl)(x)
-    x = batch_norm(block.bn_axis_name, block.dtype, 'downsample_bn', train)(x)
+    x = batch_norm(block.bn_axis_name, block.dtype, 'downsample_bn', train,
+                   impl=block.bn_impl)(x)
   return nn.relu(x + y)
 
 
@@ -173,6 +166,9 @@ class ResNet(nn.Module):
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
     conv_impl: how convolutions are computed ('auto': 1x1 convolutions as matmuls on the CPU,
       where XLA's convolution gradients are slow; see cxr_jax/models/conv.py); same parameters.
+    bn_impl: BatchNorm (+ the ReLU after it)'s training gradient: 'fused' (hand-written, two
+      passes over the map), 'autodiff' (flax's) or 'auto' ('fused' on the CPU, 'autodiff'
+      elsewhere); same parameters and values (cxr_jax/models/batch_norm.py).
   """
 
   num_classes: int
@@ -191,6 +187,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   conv_impl: str = 'auto'
+  bn_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
@@ -207,7 +204,8 @@ class ResNet(nn.Module):
                        f'{self.replace_stride_with_dilation!r}')
     x = x.astype(self.dtype)
     x = _conv(self.width, 7, 2, self.dtype, 'stem_conv', impl=self.conv_impl)(x)
-    x = nn.relu(batch_norm(self.bn_axis_name, self.dtype, 'stem_bn', train)(x))
+    x = batch_norm(self.bn_axis_name, self.dtype, 'stem_bn', train, activation='relu',
+                   impl=self.bn_impl)(x)
     self.sow('intermediates', 'conv1', x)
     # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -223,7 +221,7 @@ class ResNet(nn.Module):
             se_reduction=self.se_reduction, stride_in_1x1=self.stride_in_1x1,
             dilation=previous if j == 0 else dilation,
             bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_impl=self.conv_impl,
-            name=f'layer{i + 1}_{j}',
+            bn_impl=self.bn_impl, name=f'layer{i + 1}_{j}',
         )(x, train=train)
       self.sow('intermediates', f'conv{i + 2}_x', x)
     self.sow('intermediates', 'features', x)
