@@ -199,3 +199,20 @@ def test_auto_is_fused_on_the_cpu_only():
   assert bn.resolve_bn_impl('auto') == ('fused' if jax.default_backend() == 'cpu'
                                         else 'autodiff')
   assert bn.resolve_bn_impl('autodiff') == 'autodiff'
+
+
+def test_float64_inputs_keep_float64_statistics():
+  """Under jax_enable_x64 float64 maps are normalised in float64, as flax does (the 8-vs-1
+  device float64 train step test relies on it)."""
+  with jax.enable_x64(True):
+    x, params, _, w = _data(seed=6)
+    x, w = x.astype(jnp.float64), w.astype(jnp.float64)
+    fused = lambda x: jnp.sum(bn.batch_norm_train(  # noqa: E731
+        x, params['scale'], params['bias'], 1e-5, None, 'relu', jnp.float64)[0] * w)
+
+    def autodiff(x):
+      mean, var = bn._moments(x, None)
+      return jnp.sum(bn._normalize(x, mean, var, params['scale'], params['bias'], 1e-5, 'relu',
+                                   jnp.float64)[0] * w)
+    assert bn._moments(x, None)[0].dtype == jnp.float64
+    np.testing.assert_allclose(jax.grad(fused)(x), jax.grad(autodiff)(x), rtol=0, atol=1e-12)

@@ -12,10 +12,10 @@ map: one for the per-channel sums, one for the input gradient:
 
 with sums and n over the batch and spatial axes (and over `axis_name`'s devices when the batch
 statistics are averaged across them). Forward values, parameters and batch statistics are those
-of `nn.BatchNorm(use_fast_variance=False)` (two-pass variance, float32 statistics); only the
-gradient's float rounding differs. The models' `bn_impl` picks it: 'auto' (their default) is
-'fused' on the CPU and 'autodiff' (flax's) elsewhere, where it has not been measured yet.
-ResNet, DenseNet and MobileNet fuse the ReLU that follows a BatchNorm into it.
+of `nn.BatchNorm(use_fast_variance=False)` (two-pass variance, statistics in at least float32);
+only the gradient's float rounding differs. The models' `bn_impl` picks it: 'auto' (their
+default) is 'fused' on the CPU and 'autodiff' (flax's) elsewhere, where it has not been measured
+yet. ResNet, DenseNet and MobileNet fuse the ReLU that follows a BatchNorm into it.
 """
 
 import functools
@@ -35,10 +35,15 @@ ACTIVATIONS = ('', 'relu', 'relu6')
 _F32 = jnp.float32
 
 
+def _compute_dtype(x: jax.Array) -> Any:
+  # At least float32 (float64 under jax_enable_x64 with float64 inputs), as flax's statistics.
+  return jnp.promote_types(x.dtype, _F32)
+
+
 def _moments(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-  """Per-channel mean and (biased, two-pass) variance of x [..., C] in float32."""
+  """Per-channel mean and (biased, two-pass) variance of x [..., C], in at least float32."""
   axes = tuple(range(x.ndim - 1))
-  xf = x.astype(_F32)
+  xf = x.astype(_compute_dtype(x))
   mean = xf.mean(axes)
   if axis_name is not None:
     mean = lax.pmean(mean, axis_name)
@@ -50,7 +55,7 @@ def _moments(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]
 
 def _normalize(x, mean, var, scale, bias, epsilon, activation, dtype):
   inv = lax.rsqrt(var + epsilon)
-  y = (x.astype(_F32) - mean) * (scale * inv) + bias
+  y = (x.astype(_compute_dtype(x)) - mean) * (scale * inv) + bias
   if activation == 'relu':
     y = jax.nn.relu(y)
   elif activation == 'relu6':
@@ -70,7 +75,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
   """Training-mode BatchNorm over all but the last axis, optionally followed by (Re)LU(6).
 
   Args:
-    x: [..., C] (e.g. [B, H, W, C]), any float dtype; statistics are computed in float32.
+    x: [..., C] (e.g. [B, H, W, C]), any float dtype; statistics are computed in at least float32.
     scale, bias: [C] float32.
     epsilon: added to the variance.
     axis_name: mesh axis whose devices' batch statistics are averaged (inside shard_map), or None.
@@ -79,7 +84,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     dtype: the output's dtype.
 
   Returns:
-    (y [..., C] in `dtype`, batch mean [C], batch variance [C]) (float32 statistics, the
+    (y [..., C] in `dtype`, batch mean [C], batch variance [C]) (statistics in at least float32, the
     variance biased, as flax's).
   """
   mean, var = _moments(x, axis_name)
@@ -104,13 +109,13 @@ def _train_bwd(epsilon, axis_name, activation, dtype, res, cotangents):
   if axis_name is not None:
     n = n * lax.psum(1, axis_name)
   if isinstance(dy, SymbolicZero):
-    dx = jnp.zeros(x.shape, _F32)
+    dx = jnp.zeros(x.shape, _compute_dtype(x))
     dscale = dbias = jnp.zeros_like(scale)
   else:
-    g = dy.astype(_F32)
+    g = dy.astype(_compute_dtype(x))
     if activation:
       g = jnp.where(_activation_mask(y, activation), g, 0)
-    xhat = (x.astype(_F32) - mean) * inv
+    xhat = (x.astype(_compute_dtype(x)) - mean) * inv
     dbias = g.sum(axes)
     dscale = (g * xhat).sum(axes)
     sum_dbias, sum_dscale = dbias, dscale
@@ -122,8 +127,8 @@ def _train_bwd(epsilon, axis_name, activation, dtype, res, cotangents):
   if not isinstance(dmean, SymbolicZero):
     dx = dx + dmean / n
   if not isinstance(dvar, SymbolicZero):
-    dx = dx + (2 / n) * dvar * (x.astype(_F32) - mean)
-  return dx.astype(x.dtype), dscale, dbias
+    dx = dx + (2 / n) * dvar * (x.astype(_compute_dtype(x)) - mean)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
 batch_norm_train.defvjp(_train_fwd, _train_bwd, symbolic_zeros=True)
@@ -153,7 +158,7 @@ class BatchNorm(nn.Module):
     momentum: of the running averages (flax's convention: 0.9 = torch's momentum 0.1).
     epsilon: added to the variance.
     axis_name: mesh axis over which batch statistics are averaged while training.
-    dtype: output dtype (statistics float32).
+    dtype: output dtype (statistics in at least float32).
     activation: '' (none), 'relu' or 'relu6' after the normalisation.
     impl: 'fused', 'autodiff' or 'auto' ('fused' on the CPU, 'autodiff' elsewhere).
   """
