@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from cxr_jax import parallel
 from cxr_jax.models import batch_norm as bn
-from cxr_jax.models import densenet, mobilenet, resnet
+from cxr_jax.models import densenet, mobilenet, resnet, unet
 
 ACT = {'': lambda y: y, 'relu': nn.relu, 'relu6': nn.relu6}
 
@@ -170,7 +170,8 @@ def test_unknown_impl_and_activation_are_refused():
                                    num_init_features=8, bn_impl=impl),
     lambda impl: mobilenet.MobileNetV1(num_classes=3, width_multiplier=0.25,
                                        blocks=((64, 1), (128, 2)), bn_impl=impl),
-], ids=['resnet', 'densenet', 'mobilenet'])
+    lambda impl: unet.UNet(num_classes=2, depth=2, base_width=4, bn_impl=impl),
+], ids=['resnet', 'densenet', 'mobilenet', 'unet'])
 def test_backbones_train_the_same_with_either_impl(build):
   """A training-mode loss, its parameter gradients and the new batch statistics of each
   backbone: 'fused' equals 'autodiff' (same variables, float rounding apart)."""

@@ -15,7 +15,7 @@ statistics are averaged across them). Forward values, parameters and batch stati
 of `nn.BatchNorm(use_fast_variance=False)` (two-pass variance, statistics in at least float32);
 only the gradient's float rounding differs. The models' `bn_impl` picks it: 'auto' (their
 default) is 'fused' on the CPU and 'autodiff' (flax's) elsewhere, where it has not been measured
-yet. ResNet, DenseNet and MobileNet fuse the ReLU that follows a BatchNorm into it.
+yet. ResNet, DenseNet, MobileNet and U-Net fuse the ReLU that follows a BatchNorm into it.
 """
 
 import functools

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from cxr_jax import losses
 from cxr_jax.models import MODELS
+from cxr_jax.models.batch_norm import batch_norm
 
 
 class DoubleConv(nn.Module):
@@ -32,6 +33,7 @@ class DoubleConv(nn.Module):
   batch_norm: bool = True
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  bn_impl: str = 'auto'  # see cxr_jax/models/batch_norm.py
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -40,10 +42,10 @@ class DoubleConv(nn.Module):
       x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=not self.batch_norm,
                   kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name=f'conv{i}')(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         axis_name=self.bn_axis_name if train else None,
-                         use_fast_variance=False, dtype=self.dtype, name=f'bn{i}')(x)
-      x = nn.relu(x)
+        x = batch_norm(self.bn_axis_name, self.dtype, f'bn{i}', train, activation='relu',
+                       impl=self.bn_impl)(x)
+      else:
+        x = nn.relu(x)
     return x
 
 
@@ -58,6 +60,8 @@ class UNet(nn.Module):
     batch_norm: BatchNorm after every 3x3 convolution (the 2015 U-Net had none).
     dtype: compute dtype; parameters stay float32.
     bn_axis_name: mesh axis over which BatchNorm averages batch statistics while training.
+    bn_impl: BatchNorm + ReLU's training gradient: 'fused' (hand-written), 'autodiff' (flax's)
+      or 'auto' ('fused' on the CPU); same parameters and values (cxr_jax/models/batch_norm.py).
   """
 
   num_classes: int = 3
@@ -66,6 +70,7 @@ class UNet(nn.Module):
   batch_norm: bool = True
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  bn_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
@@ -79,7 +84,7 @@ class UNet(nn.Module):
       raise ValueError(f'UNet(depth={self.depth}) needs H and W divisible by {2**self.depth}, '
                        f'got {h}x{w}')
     block = lambda width, name: DoubleConv(width, self.batch_norm, self.bn_axis_name,
-                                           self.dtype, name=name)
+                                           self.dtype, self.bn_impl, name=name)
     x = x.astype(self.dtype)
     skips = []
     for level in range(self.depth):
