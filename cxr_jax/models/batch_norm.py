@@ -72,7 +72,7 @@ def _activation_mask(y: jax.Array, activation: str) -> jax.Array:
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
                      axis_name: str | None, activation: str,
                      dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Training-mode BatchNorm over all but the last axis, optionally followed by (Re)LU(6).
+  """Training-mode BatchNorm over all but the last axis, optionally followed by ReLU or ReLU6.
 
   Args:
     x: [..., C] (e.g. [B, H, W, C]), any float dtype; statistics are computed in at least float32.
@@ -105,17 +105,18 @@ def _train_bwd(epsilon, axis_name, activation, dtype, res, cotangents):
   x, mean, inv, scale, y = res
   dy, dmean, dvar = cotangents
   axes = tuple(range(x.ndim - 1))
+  cdtype = _compute_dtype(x)
   n = x.size // x.shape[-1]
   if axis_name is not None:
     n = n * lax.psum(1, axis_name)
   if isinstance(dy, SymbolicZero):
-    dx = jnp.zeros(x.shape, _compute_dtype(x))
+    dx = jnp.zeros(x.shape, cdtype)
     dscale = dbias = jnp.zeros_like(scale)
   else:
-    g = dy.astype(_compute_dtype(x))
+    g = dy.astype(cdtype)
     if activation:
       g = jnp.where(_activation_mask(y, activation), g, 0)
-    xhat = (x.astype(_compute_dtype(x)) - mean) * inv
+    xhat = (x.astype(cdtype) - mean) * inv
     dbias = g.sum(axes)
     dscale = (g * xhat).sum(axes)
     sum_dbias, sum_dscale = dbias, dscale
@@ -127,7 +128,7 @@ def _train_bwd(epsilon, axis_name, activation, dtype, res, cotangents):
   if not isinstance(dmean, SymbolicZero):
     dx = dx + dmean / n
   if not isinstance(dvar, SymbolicZero):
-    dx = dx + (2 / n) * dvar * (x.astype(_compute_dtype(x)) - mean)
+    dx = dx + (2 / n) * dvar * (x.astype(cdtype) - mean)
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
