@@ -21,7 +21,7 @@ processes per column): in one process a program timed next to torch or next to a
 program ran up to 2x slower than alone.
 
 A column `<conv_impl>@<bn_impl>` also picks the BatchNorm gradient (cxr_jax/models/batch_norm.py:
-'fused', the models' default, or 'autodiff', flax's).
+'fused' or 'autodiff', flax's; without `@` the models' default 'auto', i.e. 'fused' on the CPU).
 
 Columns: img/s per impl, its ratio to torch (and torch channels_last with
 `--channels_last`), the speed-up of the best impl over 'xla', compile seconds.
@@ -54,7 +54,8 @@ def jax_step(name: str, impl: str, size: int, batch: int,
              cpu_fusions: tuple[str, ...] = xla_options.DEFAULT_CPU_FUSIONS) -> tuple[Any, float]:
   """A zero-argument function running one train step of `name` with `conv_impl=impl` (state
   carried between calls; compiled with `cpu_fusions`, as `config.cpu_fusions`), and its compile
-  seconds. `impl` 'matmul@autodiff' also sets the model's `bn_impl` (ResNets, DenseNets)."""
+  seconds. `impl` 'matmul@autodiff' also sets the model's `bn_impl` (ResNet, DenseNet,
+  MobileNet)."""
   mesh = parallel.make_mesh()
   impl, _, bn_impl = impl.partition('@')
   model = MODELS.get(name)(num_classes=NUM_CLASSES, conv_impl=impl,
