@@ -25,7 +25,7 @@ Readings and deviations (the paper is silent on these):
 import ml_collections
 
 from cxr_jax import config_lib
-from cxr_jax.data.labels import NIH13_CLASSES
+from cxr_jax.labels import NIH13_CLASSES
 from cxr_jax.models.mobilenet import MOBILENET_V1_BLOCKS
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from cxr_jax.data.labels import NIH_CLASSES
+from cxr_jax.labels import NIH_CLASSES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -304,8 +304,8 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   """The checks of `validate` that apply to one stage's effective config."""
   from cxr_jax import evaluate, losses, metrics, optim, xla_options
   from cxr_jax.data import ops
-  from cxr_jax.data.labels import class_indices
   from cxr_jax.evaluators import EVALUATORS
+  from cxr_jax.labels import class_indices
   from cxr_jax.models import MODELS, parse_dtype
 
   _check('model.name', MODELS.get, config.model.name)
@@ -392,7 +392,7 @@ def _check_paper002(config: ml_collections.ConfigDict) -> None:
   """Paper 002's sections: the alignment module, disease masks (configs/disease_masks)."""
   from cxr_jax import optim
   from cxr_jax.data import ops
-  from cxr_jax.data.labels import class_indices
+  from cxr_jax.labels import class_indices
   from cxr_jax.models import MODELS
   a = config.align
   _check('align.model.name', MODELS.get, a.model.name)

@@ -366,7 +366,7 @@ def comparison_table(columns: Sequence[Column], split: str = 'test') -> str:
            '## Columns', '', *(_column_note(col) for col in columns), '']
   located = _localization_results(columns)
   if located:
-    from cxr_jax.data.labels import BOX_CLASSES
+    from cxr_jax.labels import BOX_CLASSES
     parts += ['## Table 4: AUROC on the eight classes with boxes (paper 002)', '',
               reporting.box_class_auroc_markdown({col.label: col.metrics for col in columns},
                                                  BOX_CLASSES), '']

@@ -491,7 +491,7 @@ def paper004_reference_markdown(aurocs: Mapping[str, Mapping[str, Any]],
            'Paper columns: Fang et al. Table 2 (NIH ChestX-ray14 benchmark split, 25,596 test '
            'images); ours: the runs above on their own data (a phantom demo is not comparable).',
            '']
-  from cxr_jax.data.labels import BOX_CLASSES
+  from cxr_jax.labels import BOX_CLASSES
   t3_rows = []
   for label, m in localization_results.items():
     values = [m['per_class'][c]['mean_iou'] if c in m['per_class'] else None for c in BOX_CLASSES]

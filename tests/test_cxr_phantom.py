@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 import cxr_jax.data.cxr_phantom  # noqa: F401  (registers the builder)
 from cxr_jax.data.cxr_phantom import anatomy, findings, phantom, sampling
 from cxr_jax.data.cxr_phantom.cxr_phantom_dataset_builder import Builder, make_example
-from cxr_jax.data.labels import BOX_CLASSES, NIH_CLASSES
+from cxr_jax.labels import BOX_CLASSES, NIH_CLASSES
 
 PARAMS = phantom.PhantomParams()
 TINY = phantom.PhantomParams(split_sizes=(24, 8, 8, 8))

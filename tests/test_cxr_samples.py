@@ -15,7 +15,7 @@ from PIL import Image
 import cxr_jax.data  # noqa: F401  (registers the builders)
 from cxr_jax.data import xray_files
 from cxr_jax.data.cxr_samples import cxr_samples_dataset_builder as cs
-from cxr_jax.data.labels import NIH_CLASSES
+from cxr_jax.labels import NIH_CLASSES
 
 
 def build(name: str, folder, tmp_path) -> dict[str, dict[str, dict]]:

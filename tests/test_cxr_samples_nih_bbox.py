@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from test_cxr_samples import build, check_nih_rows, rows_of
 
-from cxr_jax.data.labels import BBOX_LIST_ALIASES, NIH_CLASSES
+from cxr_jax.labels import BBOX_LIST_ALIASES, NIH_CLASSES
 
 
 def test_nih_bbox_labels_and_boxes_match_csvs(shared_data, tmp_path):

@@ -94,7 +94,7 @@ def _tiny_predictor(tmp_path, head: str, pp: str) -> inference.Predictor:
       {'name': 'resnet18', 'width': 8, 'head': head,
        'replace_stride_with_dilation': (False, True, True)}), num_classes=14)
   variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
-  from cxr_jax.data.labels import NIH_CLASSES
+  from cxr_jax.labels import NIH_CLASSES
 
   info = inference.ModelInfo(class_names=NIH_CLASSES, image_shape=(64, 64, 3), pp_eval=pp,
                              model={'name': 'resnet18', 'head': head})

@@ -134,9 +134,9 @@ def test_table3_boxes_never_see_the_ground_truth(tmp_path, monkeypatch):
 
 def test_report_prints_paper004_tables_and_writes_roc(tmp_path, capsys):
   from cxr_jax import evaluate, layout, report
-  from cxr_jax.data.labels import NIH_CLASSES
   from cxr_jax.explain import localization
   from cxr_jax.io_utils import atomic_write_json
+  from cxr_jax.labels import NIH_CLASSES
   rng = np.random.default_rng(0)
   dirs = []
   for name, label in (('lh_densenet121', 'CheXNet'), ('lh_msa_densenet', 'Ours w/o F_l')):

@@ -16,8 +16,8 @@ from etils import epath
 from PIL import Image
 
 import cxr_jax.data  # noqa: F401  (registers the builders)
-from cxr_jax.data.labels import NIH13_CLASSES, NIH_CLASSES
 from cxr_jax.data.nih_chest_xray14 import nih_chest_xray14_dataset_builder as nih
+from cxr_jax.labels import NIH13_CLASSES, NIH_CLASSES
 
 DUMMY = epath.Path(nih.__file__).parent / 'dummy_data'
 

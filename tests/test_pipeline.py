@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from cxr_jax.data import pipeline
 from cxr_jax.data.features import classification_features
-from cxr_jax.data.labels import NIH_CLASSES
+from cxr_jax.labels import NIH_CLASSES
 
 SIZE = 16
 # Example ids per split; each image is the constant uint8 value of its id, so a batch row tells

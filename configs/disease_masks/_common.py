@@ -77,7 +77,7 @@ Readings (the paper is silent or ambiguous; every one is a config value):
 import ml_collections
 
 from cxr_jax import config_lib
-from cxr_jax.data.labels import BOX_CLASSES
+from cxr_jax.labels import BOX_CLASSES
 
 IMAGENET_RESNET50 = 'weights/torchvision_resnet50'
 UNALIGNED_PP = 'decode|grayscale_to_rgb|normalize("minus_one_one")'

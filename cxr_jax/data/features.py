@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cxr_jax.data.labels import NIH_CLASSES
+from cxr_jax.labels import NIH_CLASSES
 
 
 def classification_features(size: int, *, original_size: bool = False,

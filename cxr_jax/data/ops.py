@@ -634,7 +634,7 @@ def label_from_findings(classes: Sequence[str] = (), key: str = 'label') -> Op:
   Gives the synthetic `cxr_phantom` a normal / abnormal task for paper 003's demos (read
   'labels' through config.data.pp_keys). Without 'labels' (a user's image) it does nothing.
   """
-  from cxr_jax.data.labels import class_indices
+  from cxr_jax.labels import class_indices
   idx = class_indices(tuple(classes)) if classes else None
 
   def op(features: Features) -> Features:

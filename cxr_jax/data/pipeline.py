@@ -74,7 +74,7 @@ from absl import logging
 from etils import epath
 
 from cxr_jax.data import builder_names, mask_cache, ops, tf_devices
-from cxr_jax.data.labels import NIH_CLASSES, class_indices
+from cxr_jax.labels import NIH_CLASSES, class_indices
 
 Batch = dict[str, np.ndarray]
 

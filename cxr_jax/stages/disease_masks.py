@@ -211,7 +211,7 @@ def report_section(config: ml_collections.ConfigDict, run: layout.Run,
   Empty for runs of other papers."""
   if 'disease_masks' not in config and 'align' not in config:
     return ''
-  from cxr_jax.data.labels import BOX_CLASSES
+  from cxr_jax.labels import BOX_CLASSES
   lines = ['', '## Table 4: AUROC on the eight classes with boxes (paper 002)', '',
            reporting.box_class_auroc_markdown(results, BOX_CLASSES), '']
   if run.anchor_file.exists():

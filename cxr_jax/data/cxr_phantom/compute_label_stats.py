@@ -17,7 +17,7 @@ import csv
 import gzip
 import pathlib
 
-from cxr_jax.data.labels import NIH_CLASSES
+from cxr_jax.labels import NIH_CLASSES
 
 _OUT = pathlib.Path(__file__).with_name('label_stats.py')
 # Ages above this are data-entry errors in older releases; v2020 has none but keep the guard.

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cxr_jax.data.cxr_phantom import anatomy as A
-from cxr_jax.data.labels import NIH_CLASSES
+from cxr_jax.labels import NIH_CLASSES
 
 _IDX = {name: i for i, name in enumerate(NIH_CLASSES)}
 

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 
 from cxr_jax.data.cxr_phantom import label_stats
-from cxr_jax.data.labels import BOX_CLASSES, NIH_CLASSES
+from cxr_jax.labels import BOX_CLASSES, NIH_CLASSES
 
 NUM_CLASSES = len(NIH_CLASSES)
 BOX_BITS = sum(1 << NIH_CLASSES.index(c) for c in BOX_CLASSES)

@@ -26,7 +26,7 @@ from etils import epath
 from cxr_jax.data import nlm_tb, xray_files
 from cxr_jax.data.features import classification_features
 from cxr_jax.data.jsrt_scr import jsrt_scr_dataset_builder as jsrt
-from cxr_jax.data.labels import BBOX_LIST_ALIASES, NIH_CLASSES
+from cxr_jax.labels import BBOX_LIST_ALIASES, NIH_CLASSES
 
 NO_FINDING = 'No Finding'
 # Mask folder names of the jsrt_scr sample, in jsrt_scr.STRUCTURES order.

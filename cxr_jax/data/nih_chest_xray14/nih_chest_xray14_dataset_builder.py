@@ -29,7 +29,7 @@ from etils import epath
 from PIL import Image
 
 from cxr_jax.data.features import classification_features
-from cxr_jax.data.labels import BBOX_LIST_ALIASES, NIH_CLASSES
+from cxr_jax.labels import BBOX_LIST_ALIASES, NIH_CLASSES
 
 # The tarballs NIH ships, and the first image (sorted name) of each: NIH packed the 112,120 images
 # in name order, 4,999 in the first, 10,000 in the next ten and 7,121 in the last. Knowing the
