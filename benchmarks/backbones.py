@@ -2,8 +2,9 @@
 
 For each backbone registered in `cxr_jax.models.MODELS` that torchvision also has, at 224x224,
 batch 16, float32 by default: train-step and inference images/s for both, the compile time of
-the JAX step apart, achieved GFLOP/s (XLA's cost analysis of the compiled programs) against a
-measured float32 matmul peak, and the JAX/torch ratios.
+the JAX step apart, achieved GFLOP/s (XLA's cost analysis of the compiled programs, i.e. what
+XLA runs, rewrites included) against a measured float32 matmul peak, and the JAX/torch ratios.
+benchmarks/peers.py is the train-step comparison with compiled torch and analytic FLOP counts.
 
   python benchmarks/backbones.py --quick                 # mobilenet_v1 + resnet50, few repeats
   python benchmarks/backbones.py --models=resnet50,densenet121 --json out.json

