@@ -71,6 +71,23 @@ def _flops(compiled) -> float | None:
     return None
 
 
+def compile_train_step(step: Any, state: Any, data: Any, key: jax.Array
+                       ) -> tuple[float, Any, dict[str, Any]]:
+  """Compiles a `make_train_step` step for (state, data, key), timed apart: returns (compile
+  seconds, `one_step()` running it on the state it carries and returning the loss, the holder
+  whose 'state' is that state)."""
+  t0 = time.perf_counter()
+  compiled = step.lower(state, data, key).compile()
+  compile_s = time.perf_counter() - t0
+  holder = {'state': state, 'compiled': compiled}
+
+  def one_step():
+    holder['state'], metrics = compiled(holder['state'], data, key)
+    return metrics['loss']
+
+  return compile_s, one_step, holder
+
+
 def time_jax_model(build: Any, tx: Any, size: int, batch: int, repeats: int) -> dict[str, Any]:
   """Times the data-parallel train step and jitted inference of `build(**kwargs)` (a linen
   module factory; `bn_axis_name` is passed for training) on random data, compile apart."""
@@ -82,16 +99,8 @@ def time_jax_model(build: Any, tx: Any, size: int, batch: int, repeats: int) -> 
       {'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
        'labels': (rng.random((batch, NUM_CLASSES)) < 0.2).astype(np.float32)}, mesh)
   step = make_train_step(model, tx, losses.get_loss('sigmoid_bce'), mesh)
-  key = jax.random.key(1)
-  t0 = time.perf_counter()
-  compiled_step = step.lower(state, data, key).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {'state': state}
-
-  def one_step():
-    holder['state'], metrics = compiled_step(holder['state'], data, key)
-    return metrics['loss']
-
+  compile_s, one_step, holder = compile_train_step(step, state, data, jax.random.key(1))
+  compiled_step = holder['compiled']
   train_s = _timeit(one_step, repeats)
   eval_model = build()
   variables = holder['state'].variables()

@@ -40,6 +40,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import backbones  # noqa: E402
 
 from cxr_jax import losses, optim, parallel, xla_options  # noqa: E402
 from cxr_jax.config_lib import base_config  # noqa: E402
@@ -68,15 +71,8 @@ def jax_step(name: str, impl: str, size: int, batch: int,
       {'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
        'labels': (rng.random((batch, NUM_CLASSES)) < 0.2).astype(np.float32)}, mesh)
   step = make_train_step(model, tx, losses.get_loss('sigmoid_bce'), mesh, cpu_fusions=cpu_fusions)
-  key = jax.random.key(1)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, data, key).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {'state': state}
-
-  def run():
-    holder['state'], metrics = compiled(holder['state'], data, key)
-    return jax.block_until_ready(metrics['loss'])
+  compile_s, one_step, _ = backbones.compile_train_step(step, state, data, jax.random.key(1))
+  run = lambda: jax.block_until_ready(one_step())
 
   return run, compile_s
 
@@ -88,8 +84,6 @@ def torch_step(name: str, size: int, batch: int, channels_last: bool) -> Any:
 
   torch.set_num_threads(os.cpu_count())
   if name == 'mobilenet_v1':  # no torchvision model: the same layer stack in torch.nn
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    import backbones  # noqa: PLC0415
     model = backbones._torch_mobilenet_v1(torch, NUM_CLASSES)
   else:
     model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)

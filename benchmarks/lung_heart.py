@@ -17,7 +17,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 from typing import Any
 
 import jax
@@ -79,16 +78,8 @@ def bench_jax(kind: str, size: int, batch: int, repeats: int) -> dict[str, Any]:
   step = make_train_step(model, tx, losses.get_loss('soft_dice' if seg else 'sigmoid_bce'),
                          mesh, target='masks' if seg else 'labels',
                          inputs=('masks',) if fw else ())
-  key = jax.random.key(1)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, data, key).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {'state': state}
-
-  def one_step():
-    holder['state'], metrics = compiled(holder['state'], data, key)
-    return metrics['loss']
-
+  compile_s, one_step, holder = backbones.compile_train_step(step, state, data,
+                                                            jax.random.key(1))
   train_s = _timeit(one_step, repeats)
   eval_model = build_model(cfg, num_classes=k)
   variables = holder['state'].variables()

@@ -191,16 +191,7 @@ def time_jax(case: Case, size: int, batch: int, dtype: str, repeats: int) -> dic
   step = make_train_step(model, tx, losses.get_loss(case.loss), mesh, target=case.target,
                          inputs=case.inputs, **kwargs)
   data = parallel.to_global(data, mesh)
-  key = jax.random.key(1)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, data, key).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {'state': state}
-
-  def one_step():
-    holder['state'], metrics = compiled(holder['state'], data, key)
-    return metrics['loss']
-
+  compile_s, one_step, _ = backbones.compile_train_step(step, state, data, jax.random.key(1))
   train_s = backbones._timeit(one_step, repeats, warmup=2)
   return {'jax_compile_s': compile_s, 'jax_img_s': batch / train_s}
 
