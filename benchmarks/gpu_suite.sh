@@ -14,8 +14,8 @@
 #         far the bf16 heat maps are from the fp32 ones;
 #         BatchNorm's fused vs autodiff gradient on the GPU (ResNet-50, DenseNet-121).
 # Part 2: the other backbones (MobileNet v1, ResNet-101, DenseNet-121, VGG-16, AlexNet).
-# Part 3: the papers' models (001 BSL+FAM+SAM, 002 weighted-BCE ResNet-50, 003 custom CNN,
-#         004 U-Net and MSA-DenseNet-121 + FW).
+# Part 3: the papers' models (000 MobileNet + LSTM attention, 001 BSL+FAM+SAM, 002
+#         weighted-BCE ResNet-50, 003 custom CNN, 004 U-Net and MSA-DenseNet-121 + FW).
 # The GPU image has JAX, flax, optax, orbax and torch but not ml-collections (carried as a
 # wheel); nothing here imports TensorFlow or TFDS.
 set -uo pipefail
@@ -76,8 +76,8 @@ case "$part" in
       --rows=mobilenet_v1,densenet121,vgg16,resnet101,alexnet --json "$out/peers_backbones.json"
     ;;
   3)
-    step peers_papers 540 python3 benchmarks/peers.py \
-      --rows='BSL+FAM+SAM,resnet50 weighted BCE,custom_cnn,unet,MSA-DenseNet-121 + FW' \
+    papers='MobileNet + LSTM attention,BSL+FAM+SAM,resnet50 weighted BCE,custom_cnn,unet'
+    step peers_papers 540 python3 benchmarks/peers.py --rows="$papers,MSA-DenseNet-121 + FW" \
       --json "$out/peers_papers.json"
     ;;
   *)

@@ -23,8 +23,8 @@ throughput of the row's dtype.
   python benchmarks/peers.py --json out.json    # rows written after each one (a killed run
                                                 # keeps what it finished)
 
-The paper-000 attention model (MobileNet + LSTM attention over a frozen backbone) has no torch
-twin yet and is not a row; its classifier is the `mobilenet_v1` row.
+Paper 000's attention stage trains the LSTM attention branch on a frozen MobileNet (forward only;
+its FLOPs: the forward + 2x the branch's); its stage-1 classifier is the `mobilenet_v1` row.
 """
 
 import argparse
@@ -88,6 +88,10 @@ class Case:
   inputs: tuple[str, ...] = ()
   cpu_fusions: tuple[str, ...] | None = None  # None: the library default
   size: int | None = None  # a fixed input size (the custom CNN's 227 px); None: --size
+  optimizer: Any = None  # an optimizer ConfigDict (e.g. with `frozen`); None: Adam 1e-4
+  # Paper 000's attention stage: the backbone runs forward only (no gradient), which the FLOP
+  # count follows: forward + 2 x the attention branch's forward.
+  frozen_backbone: bool = False
   # Model arguments for the FLOP count (cxr_jax/flops.py counts XLA's convolutions only).
   count_overrides: dict[str, Any] = dataclasses.field(
       default_factory=lambda: {'conv_impl': 'xla'})
@@ -99,6 +103,72 @@ def _torchvision(name: str, num_classes: int) -> Callable[[Any, int], Any]:
     import torchvision  # noqa: PLC0415
     return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
   return build
+
+
+def _torch_mobilenet_lstm_attention(torch, num_classes: int = 14, steps: int = 3,
+                                     hidden: int = 16, attention: int = 64) -> Any:
+  """Paper 000's attention stage in torch: the MobileNet v1 twin frozen (eval mode, no
+  gradient) and cxr_jax/attention/lstm_attention.py's branch (an LSTM cell written out, with
+  flax's one bias per gate, so that the parameters match)."""
+  nn = torch.nn
+  fn = torch.nn.functional
+
+  class Twin(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.backbone = backbones._torch_mobilenet_v1(torch, num_classes)
+      self.backbone.requires_grad_(False)
+      c = self.backbone[-1].in_features
+      self.init_c, self.init_h = nn.Linear(c, hidden), nn.Linear(c, hidden)
+      self.attention_features = nn.Linear(c, attention)
+      self.attention_hidden = nn.Linear(hidden, attention, bias=False)
+      self.attention_score = nn.Linear(attention, 1, bias=False)
+      self.lstm_input = nn.Linear(num_classes + c, 4 * hidden, bias=False)
+      self.lstm_hidden = nn.Linear(hidden, 4 * hidden)
+      self.classifier = nn.Linear(hidden, num_classes)
+
+    def train(self, mode: bool = True):
+      super().train(mode)
+      self.backbone.eval()  # frozen BatchNorm statistics, as freeze_backbone
+      return self
+
+    def forward(self, x):
+      with torch.no_grad():
+        features = self.backbone[:-3](x)  # [B, C, h, w]
+        self.backbone[-3:](features)  # cxr_jax's backbone computes its (unused) logits too
+      a = features.flatten(2).transpose(1, 2)  # [B, L, C]
+      mean = a.mean(1)
+      c, h = torch.tanh(self.init_c(mean)), torch.tanh(self.init_h(mean))
+      projected = self.attention_features(a)
+      probs = torch.zeros(a.shape[0], num_classes, device=a.device, dtype=a.dtype)
+      for _ in range(steps):
+        scores = self.attention_score(torch.tanh(projected + self.attention_hidden(h)[:, None]))
+        alpha = torch.softmax(scores[..., 0].float(), -1).to(a.dtype)
+        context = torch.einsum('bl,blc->bc', alpha, a)
+        gates = self.lstm_input(torch.cat([probs.to(context.dtype), context], -1))
+        i, f, g, o = (gates + self.lstm_hidden(h)).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        logits = self.classifier(h)
+        probs = fn.sigmoid(logits.float())
+      return logits
+
+  return Twin()
+
+
+def _attention_stage_case() -> Case:
+  """Paper 000's second stage as configs/lstm_attention.py trains it."""
+  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'lstm_attention.py'
+  spec = importlib.util.spec_from_file_location('peers_config_lstm_attention', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  stage = cfg.stage_overrides.train_attention
+  return Case('MobileNet + LSTM attention', '000', stage.model.to_dict(), 14, cfg.loss,
+              lambda torch, size: _torch_mobilenet_lstm_attention(torch),
+              cpu_fusions=tuple(cfg.cpu_fusions), optimizer=stage.optimizer,
+              frozen_backbone=True,
+              count_overrides={'depthwise_impl': 'xla'})
 
 
 def _paper_case(name: str, paper: str, config: str, num_classes: int,
@@ -115,6 +185,7 @@ def _paper_case(name: str, paper: str, config: str, num_classes: int,
 
 
 CASES = (
+    _attention_stage_case(),
     Case('mobilenet_v1', '000 classifier', {'name': 'mobilenet_v1'}, 14, 'sigmoid_bce',
          lambda torch, size: backbones._torch_mobilenet_v1(torch, 14),
          count_overrides={'conv_impl': 'xla', 'depthwise_impl': 'xla'}),
@@ -160,8 +231,7 @@ def make_batch(case: Case, size: int, batch: int, seed: int = 0) -> dict[str, np
   return data
 
 
-def analytic_train_flops(case: Case, size: int) -> int:
-  """Train-step FLOPs per image (3x the forward's, `cxr_jax.flops`)."""
+def _count(case: Case, size: int, method: str | None = None) -> int:
   cfg = {**case.model, **case.count_overrides}
   model = build_model(ml_collections.ConfigDict(cfg), num_classes=case.num_classes)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -169,9 +239,24 @@ def analytic_train_flops(case: Case, size: int) -> int:
   if 'masks' in case.inputs:
     extra['masks'] = jax.ShapeDtypeStruct((1, size, size, _mask_channels(case)), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x, **extra)
-  fwd = flops.count_flops(lambda v, x, e: model.apply(v, x, train=False, **e), variables, x,
-                          extra)
-  return flops.train_flops(fwd)
+  if method is None:
+    return flops.count_flops(lambda v, x, e: model.apply(v, x, train=False, **e), variables, x,
+                             extra)
+  features = jax.eval_shape(lambda v, x: model.apply(v, x, method='features'), variables, x)
+  return flops.count_flops(lambda v, f: model.apply(v, f, method=method), variables, features)
+
+
+def analytic_forward_flops(case: Case, size: int) -> int:
+  """Forward FLOPs per image (`cxr_jax.flops`)."""
+  return _count(case, size)
+
+
+def analytic_train_flops(case: Case, size: int) -> int:
+  """Train-step FLOPs per image: 3x the forward's (`cxr_jax.flops`); with a frozen backbone,
+  the forward + 2x the trained branch's forward (its two gradients)."""
+  if case.frozen_backbone:
+    return _count(case, size) + 2 * _count(case, size, method='attend')
+  return flops.train_flops(_count(case, size))
 
 
 def _adam() -> Any:
@@ -183,7 +268,8 @@ def time_jax(case: Case, size: int, batch: int, dtype: str, repeats: int) -> dic
   mesh = parallel.make_mesh()
   model = build_model(ml_collections.ConfigDict(case.model), num_classes=case.num_classes,
                       dtype=dtype, bn_axis_name=parallel.DATA_AXIS)
-  tx = _adam()
+  tx = (_adam() if case.optimizer is None
+        else optim.build_optimizer(case.optimizer, 100))
   data = make_batch(case, size, batch)
   extra = {k: data[k].shape[1:] for k in case.inputs}
   state = create_train_state(model, tx, (size, size, 3), jax.random.key(0), mesh, extra)
@@ -247,7 +333,8 @@ def time_torch(case: Case, size: int, batch: int, dtype: str, peer: str, repeats
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     kwargs = {k: v.contiguous(memory_format=torch.channels_last) for k, v in kwargs.items()}
-  opt = torch.optim.Adam(model.parameters(), 1e-4, fused=compiled or None)
+  opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-4,
+                         fused=compiled or None)
   forward = torch.compile(model) if compiled else model
   loss_fn = _torch_loss(torch, case)
   autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == 'bfloat16'

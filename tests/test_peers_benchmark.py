@@ -33,8 +33,16 @@ def test_torch_twin_has_the_same_parameters_and_flops(case):
   with torch.no_grad(), FlopCounterMode(display=False) as counter:
     twin(torch.zeros(1, 3, size, size), **kwargs)
   # VGG's and AlexNet's adaptive pooling is a (counted) matrix product in cxr_jax at 64 px.
-  assert peers.analytic_train_flops(case, size) / 3 == pytest.approx(
+  assert peers.analytic_forward_flops(case, size) == pytest.approx(
       counter.get_total_flops(), rel=2e-4)
+
+
+def test_frozen_backbone_counts_the_branch_gradients_only():
+  (case,) = [c for c in peers.CASES if c.frozen_backbone]
+  forward = peers.analytic_forward_flops(case, 64)
+  branch = peers._count(case, 64, method='attend')
+  assert 0 < branch < forward / 10
+  assert peers.analytic_train_flops(case, 64) == forward + 2 * branch
 
 
 def test_gpu_peak_table():
