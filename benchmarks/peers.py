@@ -405,8 +405,18 @@ def _gpu_present() -> bool:
   return any(pathlib.Path('/dev').glob('nvidia[0-9]*'))
 
 
+def _die_with_parent() -> None:
+  """Linux: the worker gets SIGKILL when its parent dies (a `timeout` around this script must
+  not leave a torch process holding the GPU for the next benchmark)."""
+  import ctypes  # noqa: PLC0415
+  import signal  # noqa: PLC0415
+  with contextlib.suppress(OSError, AttributeError):
+    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def torch_worker(entries: list[list[str]], size: int, batch: int, repeats: int) -> None:
   """`--torch_worker`: times each [row, dtype, peer] of `entries`, one `TORCH_ROW` line each."""
+  _die_with_parent()
   by_name = {c.name: c for c in CASES}
   for name, dtype, peer in entries:
     case = by_name[name]
@@ -423,6 +433,7 @@ def run_torch_peers(names: list[str], dtypes: list[str], peers: list[str], size:
   2.14.1's CPU bf16 backward of a 1x1 convolution with 14 outputs corrupts the heap) costs its
   own entry only: the worker restarts after it. {(row, dtype, peer): result or {'error'}}."""
   import subprocess  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
 
   todo = [(n, d, p) for n in names for d in dtypes for p in peers]
   results: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -430,24 +441,28 @@ def run_torch_peers(names: list[str], dtypes: list[str], peers: list[str], size:
     cmd = [sys.executable, __file__, f'--torch_worker={json.dumps(todo)}', f'--size={size}',
            f'--batch={batch}', f'--repeats={repeats}']
     started = None
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-      for line in proc.stdout:
-        if line.startswith('TORCH_START '):
-          started = tuple(json.loads(line[len('TORCH_START '):]))
-        elif line.startswith('TORCH_ROW '):
-          name, dtype, peer, out = json.loads(line[len('TORCH_ROW '):])
-          results[(name, dtype, peer)] = out
-          print(f'torch {peer} {name} {dtype}: {out[f"torch_{peer}_img_s"]:.1f} img/s (first '
-                f'call {out[f"torch_{peer}_first_s"]:.1f} s)', file=sys.stderr, flush=True)
-          started = None
-      err = proc.stderr.read()
+    # stderr to a file, not a pipe: torch.compile's warnings could fill a pipe nobody reads
+    # while stdout is being read, and stall both processes.
+    with tempfile.TemporaryFile('w+') as err_file:
+      with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True) as proc:
+        for line in proc.stdout:
+          if line.startswith('TORCH_START '):
+            started = tuple(json.loads(line[len('TORCH_START '):]))
+          elif line.startswith('TORCH_ROW '):
+            name, dtype, peer, out = json.loads(line[len('TORCH_ROW '):])
+            results[(name, dtype, peer)] = out
+            print(f'torch {peer} {name} {dtype}: {out[f"torch_{peer}_img_s"]:.1f} img/s (first '
+                  f'call {out[f"torch_{peer}_first_s"]:.1f} s)', file=sys.stderr, flush=True)
+            started = None
+      err_file.seek(0)
+      err = err_file.read()
     if started is not None:  # the worker died inside this entry: record it, skip it
       results[started] = {'error': f'torch worker exit {proc.returncode}: {err[-600:]}'}
       print(f'torch peer {started} failed (exit {proc.returncode}): {err.strip()[-300:]}',
             file=sys.stderr, flush=True)
-    elif proc.returncode != 0 and todo:
-      raise RuntimeError(f'the torch worker failed (exit {proc.returncode}): {err[-2000:]}')
     todo = [t for t in todo if t not in results]
+    if todo and started is None:  # it failed outside any entry (start-up): no point retrying
+      raise RuntimeError(f'the torch worker failed (exit {proc.returncode}): {err[-2000:]}')
   return results
 
 
