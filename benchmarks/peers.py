@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import importlib.util
 import json
 import os
 import pathlib
@@ -53,7 +52,7 @@ import lung_heart  # noqa: E402
 import multi_attention  # noqa: E402
 import tb_train_step  # noqa: E402
 
-from cxr_jax import flops, losses, optim, parallel  # noqa: E402
+from cxr_jax import config_lib, flops, losses, optim, parallel  # noqa: E402
 from cxr_jax.config_lib import base_config  # noqa: E402
 from cxr_jax.models import build_model  # noqa: E402
 from cxr_jax.train_step import create_train_state, make_train_step  # noqa: E402
@@ -156,36 +155,27 @@ def _torch_mobilenet_lstm_attention(torch, num_classes: int = 14, steps: int = 3
   return Twin()
 
 
-def _attention_stage_case() -> Case:
-  """Paper 000's second stage as configs/lstm_attention.py trains it."""
-  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'lstm_attention.py'
-  spec = importlib.util.spec_from_file_location('peers_config_lstm_attention', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
-  stage = cfg.stage_overrides.train_attention
-  return Case('MobileNet + LSTM attention', '000', stage.model.to_dict(), 14, cfg.loss,
-              lambda torch, size: _torch_mobilenet_lstm_attention(torch),
-              cpu_fusions=tuple(cfg.cpu_fusions), optimizer=stage.optimizer,
-              frozen_backbone=True,
-              count_overrides={'depthwise_impl': 'xla'})
-
-
 def _paper_case(name: str, paper: str, config: str, num_classes: int,
-                torch_model: Callable[[Any, int], Any], **kwargs: Any) -> Case:
+                torch_model: Callable[[Any, int], Any], stage: str | None = None,
+                **kwargs: Any) -> Case:
   """A paper's model as its config file (configs/`config`) trains it: model arguments, loss
-  and the CPU fusion types (on accelerators the latter change nothing)."""
+  and the CPU fusion types (on accelerators the latter change nothing). With `stage`, that
+  stage's config (`config_lib.stage_config`), its optimizer included (paper 000's attention
+  stage freezes the backbone there); otherwise Adam 1e-4 as every row."""
   path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / config
-  spec = importlib.util.spec_from_file_location(f'peers_config_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = config_lib.load_sibling(str(path), path.name).get_config()
+  if stage is not None:
+    cfg = config_lib.stage_config(cfg, stage)
+    kwargs.setdefault('optimizer', cfg.optimizer)
   return Case(name, paper, cfg.model.to_dict(), num_classes, cfg.loss, torch_model,
               cpu_fusions=tuple(cfg.cpu_fusions), **kwargs)
 
 
 CASES = (
-    _attention_stage_case(),
+    _paper_case('MobileNet + LSTM attention', '000', 'lstm_attention.py', 14,
+                lambda torch, size: _torch_mobilenet_lstm_attention(torch),
+                stage='train_attention', frozen_backbone=True,
+                count_overrides={'depthwise_impl': 'xla'}),
     Case('mobilenet_v1', '000 classifier', {'name': 'mobilenet_v1'}, 14, 'sigmoid_bce',
          lambda torch, size: backbones._torch_mobilenet_v1(torch, 14),
          count_overrides={'conv_impl': 'xla', 'depthwise_impl': 'xla'}),

@@ -12,7 +12,6 @@ machines: the minimum is the least disturbed). Each cxr_jax step is compiled wit
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import time
@@ -21,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cxr_jax import losses, optim, parallel
+from cxr_jax import config_lib, losses, optim, parallel
 from cxr_jax.config_lib import base_config
 from cxr_jax.models import build_model
 from cxr_jax.train_step import create_train_state, make_train_step
@@ -49,10 +48,7 @@ def _min_time(fn, repeats: int) -> float:
 def config_cpu_fusions(name: str) -> tuple[str, ...]:
   """`cpu_fusions` of configs/tb/<name>.py (what a run of that config compiles with)."""
   path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tb' / f'{name}.py'
-  spec = importlib.util.spec_from_file_location(f'tb_config_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return tuple(module.get_config().cpu_fusions)
+  return tuple(config_lib.load_sibling(str(path), path.name).get_config().cpu_fusions)
 
 
 def jax_step(model_cfg: dict, size: int, batch: int, repeats: int, multipliers=None,

@@ -24,14 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
-# Sub-programs run a known number of times: scan's body `length` times; every other call-like
-# primitive (jit, remat, custom_jvp/vjp, shard_map, ...) once. A while loop's trip count is not
-# known from shapes, so `count_flops` refuses it rather than guess.
-_LOOP_PRIMITIVES = frozenset({'while'})
 
-
-def conv_flops(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...],
-               out_shape: tuple[int, ...], dimension_numbers: Any,
+def conv_flops(rhs_shape: tuple[int, ...], out_shape: tuple[int, ...], dimension_numbers: Any,
                lhs_dilation: tuple[int, ...] = ()) -> int:
   """FLOPs of one `lax.conv_general_dilated`: 2 x output elements x the taps each sums.
 
@@ -40,7 +34,6 @@ def conv_flops(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...],
   (`lhs_dilation` > 1) is counted without the inserted zeros, i.e. divided by the dilation's
   product, as torch counts `conv_transpose` (exact up to the border).
   """
-  del lhs_shape
   rhs_spec = dimension_numbers.rhs_spec  # (O, I, *spatial)
   taps = int(np.prod([rhs_shape[d] for d in rhs_spec[1:]]))
   dilation = int(np.prod(lhs_dilation)) if lhs_dilation else 1
@@ -67,23 +60,28 @@ def _sub_jaxprs(params: dict[str, Any]) -> Iterable[Any]:
 
 
 def jaxpr_flops(jaxpr: Any) -> int:
-  """FLOPs of a (closed) jaxpr's convolutions and matrix products, sub-programs included."""
+  """FLOPs of a (closed) jaxpr's convolutions and matrix products, sub-programs included.
+
+  Sub-programs run a known number of times: scan's body `length` times, one branch of a cond
+  (the dearest is counted), every other call-like primitive (jit, remat, custom_jvp/vjp,
+  shard_map, ...) once. A while loop's trip count is not known from shapes, so one with
+  products is refused rather than guessed.
+  """
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
   total = 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     shapes = [tuple(v.aval.shape) for v in eqn.invars]
     if name == 'conv_general_dilated':
-      total += conv_flops(shapes[0], shapes[1], tuple(eqn.outvars[0].aval.shape),
+      total += conv_flops(shapes[1], tuple(eqn.outvars[0].aval.shape),
                           eqn.params['dimension_numbers'], eqn.params['lhs_dilation'])
     elif name == 'dot_general':
       total += dot_flops(shapes[0], shapes[1], eqn.params['dimension_numbers'])
-    elif name in _LOOP_PRIMITIVES:
+    elif name == 'while':
       if any(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params)):
         raise ValueError('count_flops: a while loop contains convolutions or matrix products; '
                          'its trip count is unknown from shapes (use lax.scan or a fixed loop)')
     elif name == 'cond':
-      # One branch runs: count the most expensive.
       total += max((jaxpr_flops(j) for j in _sub_jaxprs(eqn.params)), default=0)
     else:
       sub = sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
