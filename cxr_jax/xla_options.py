@@ -18,9 +18,10 @@ gradient was hand-written, cxr_jax/models/batch_norm.py); small networks get slo
 MobileNet above all: its depthwise layers (sums of shifted slices times per-channel weights)
 then get each weight broadcast to a full-size tensor in memory (the demo's MobileNet, 64 px,
 batch 32: 0.067-0.075 -> 0.084-0.103 s per step). The full configs of papers 001, 002 and 004
-add it (their ResNets and DenseNets with `conv_impl='xla'`), their demos do not (no gain at demo
-size); paper 003's custom CNN adds it everywhere (LRN and ReLU around small convolutions:
-1.2-1.7x faster).
+add it (their ResNets and DenseNets with the default 'auto' convolutions: since the 1x1 weight
+gradients' layout fix in cxr_jax/models/conv.py, 'matmul' beats XLA's own convolutions there
+too, ResNet-50 5.19 vs 4.35 img/s), their demos do not (no gain at demo size); paper 003's
+custom CNN adds it everywhere (LRN and ReLU around small convolutions: 1.2-1.7x faster).
 
 The options are per program (`jax.jit(..., compiler_options=...)`), not `XLA_FLAGS`: a jaxlib
 that does not know an option or one of its values rejects it with a Python error (checked once,

@@ -142,6 +142,62 @@ def test_depthwise_shifts_equal_grouped_convolution(size, stride, dilation):
   _assert_close_to_scale(g_fast[1], g_ref[1])
 
 
+def _depthwise_kernel_grad_reference(x, g, stride, dilation):
+  """sum over b, y, x of xpad[b, s*y + d*i, s*x + d*j, c] * g[b, y, x, c], float64 loops."""
+  from cxr_jax.models.depthwise import same_padding
+  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  (top, bottom), (left, right) = (same_padding(n, 3, stride, dilation) for n in x.shape[1:3])
+  xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  ho, wo = g.shape[1:3]
+  out = np.zeros((3, 3, 1, x.shape[-1]))
+  for i in range(3):
+    for j in range(3):
+      tap = xp[:, i * dilation:, j * dilation:][:, :(ho - 1) * stride + 1:stride,
+                                                :(wo - 1) * stride + 1:stride]
+      out[i, j, 0] = (tap * g).sum((0, 1, 2))
+  return out
+
+
+@pytest.mark.parametrize('size,stride,dilation', [(8, 1, 1), (7, 2, 1), (9, 1, 2), (6, 2, 2)])
+def test_depthwise_kernel_grad_equals_hand_written_sum(size, stride, dilation):
+  from cxr_jax.models.depthwise import depthwise_conv_shifts, depthwise_kernel_grad
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(3, size, size + 1, 4)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 1, 4)).astype(np.float32)
+  out_hw = (-(-size // stride), -(-(size + 1) // stride))
+  g = rng.normal(size=(3, *out_hw, 4)).astype(np.float32)
+  want = _depthwise_kernel_grad_reference(x, g, stride, dilation)
+  _assert_close_to_scale(depthwise_kernel_grad(jnp.asarray(x), jnp.asarray(g), (3, 3, 1, 4),
+                                               stride, dilation), want)
+  # ... and is what the custom gradient of depthwise_conv_shifts returns.
+  _, vjp = jax.vjp(lambda k: depthwise_conv_shifts(jnp.asarray(x), k, stride, dilation),
+                   jnp.asarray(k))
+  _assert_close_to_scale(vjp(jnp.asarray(g))[0], want)
+
+
+def test_depthwise_kernel_grad_accumulates_bfloat16_in_float32():
+  from cxr_jax.models.depthwise import depthwise_kernel_grad
+  rng = np.random.default_rng(4)
+  # 2 x 64 x 64 products per kernel entry: a bfloat16 running sum would be off by ~1e-2.
+  x = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.bfloat16)
+  g = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.bfloat16)
+  got = depthwise_kernel_grad(x, g, (3, 3, 1, 3), 1)
+  assert got.dtype == jnp.float32
+  _assert_close_to_scale(got, _depthwise_kernel_grad_reference(
+      np.asarray(x, np.float32), np.asarray(g, np.float32), 1, 1))
+
+
+def test_depthwise_backward_keeps_the_input_not_its_taps():
+  """The train step's memory and time: autodiff of the shifted sum keeps all nine taps of x for
+  the kernel gradient; the hand-written gradient keeps x and the kernel only."""
+  from cxr_jax.models.depthwise import depthwise_conv_shifts
+  x, k = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 1, 8))
+  for stride in (1, 2):
+    _, vjp = jax.vjp(lambda x, k, s=stride: depthwise_conv_shifts(x, k, s), x, k)
+    kept = sum(leaf.size for leaf in jax.tree.leaves(vjp))
+    assert kept <= x.size + k.size, (stride, kept)
+
+
 def test_depthwise_parameters_match_flax_grouped_conv_layout():
   from cxr_jax.models.depthwise import DepthwiseConv
   x = jnp.ones((1, 8, 8, 4))

@@ -131,12 +131,12 @@ def get_config(name: str, *, align: bool, masks: str, labels: tuple[str, ...],
 
   config.model = ml_collections.ConfigDict({
       'name': 'resnet50', 'head': 'gap_dense', 'disease_masks': (),
-      'replace_stride_with_dilation': (False, False, False), 'conv_impl': 'xla'})
+      'replace_stride_with_dilation': (False, False, False)})
   config.init_from.checkpoint = IMAGENET_RESNET50
   config.loss = 'weighted_bce'
-  # On a CPU (no effect on accelerators): YNNPACK's element-wise fusions with XLA's own
-  # convolutions train ResNet-50 fastest (cxr_jax/xla_options.py; 224 px, batch 16, 2 cores,
-  # fresh process each: 3.5 s per step vs 4.2 s with the defaults, 'matmul' convolutions).
+  # On a CPU (no effect on accelerators): YNNPACK's element-wise fusions (cxr_jax/xla_options.py)
+  # with the model's default 'auto' convolutions ('matmul' on the CPU: 224 px, batch 16, 2 cores,
+  # fresh processes, ResNet-50 5.19 img/s vs 4.35 with XLA's own, `benchmarks/conv_impl.py`).
   config.cpu_fusions = (*config.cpu_fusions, 'eltwise')
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 1e-4
@@ -226,7 +226,6 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
   for model in (config.model, config.stage_overrides.train_dm.model):
     model.width = 16
     model.replace_stride_with_dilation = (False, True, True)
-    model.conv_impl = 'auto'
   config.init_from.checkpoint = ''
   config.batch_size = 32
   # The demo's narrow networks gain nothing from the element-wise fusions (ResNet-50 at width

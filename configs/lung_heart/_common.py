@@ -83,21 +83,20 @@ def get_config(name: str, *, backbone: str, msa: bool, fw: bool, label: str,
   if backbone == 'densenet121':
     config.model = ml_collections.ConfigDict({
         'name': 'densenet121', 'input_attention': 'multiscale' if msa else '',
-        'msa_stride': 1, 'feature_weighting': fw, 'fw_sigmoid': True, 'fw_binarize': True,
-        'conv_impl': 'xla'})
+        'msa_stride': 1, 'feature_weighting': fw, 'fw_sigmoid': True, 'fw_binarize': True})
     config.init_from.checkpoint = IMAGENET_DENSENET121
     config.init_from.fresh = ('params/msa/*',) if msa else ()
   elif backbone == 'resnet50':
-    config.model = ml_collections.ConfigDict({'name': 'resnet50', 'conv_impl': 'xla'})
+    config.model = ml_collections.ConfigDict({'name': 'resnet50'})
     config.init_from.checkpoint = IMAGENET_RESNET50
   else:
     raise ValueError(f'backbone {backbone!r}')
 
   config.loss = 'sigmoid_bce'
-  # On a CPU (no effect on accelerators): YNNPACK's element-wise fusions and XLA's own
-  # convolutions (cxr_jax/xla_options.py; 224 px, batch 16, 2 cores, fresh process each:
-  # ResNet-50 3.5 s per step vs 4.2 s with the defaults; DenseNet-121 with the hand-written
-  # BatchNorm gradient 4.95 img/s vs 3.97 with 'matmul' convolutions, torch 5.37).
+  # On a CPU (no effect on accelerators): YNNPACK's element-wise fusions (cxr_jax/xla_options.py)
+  # with the models' default 'auto' convolutions ('matmul' on the CPU; 224 px, batch 16, 2 cores,
+  # fresh processes, `benchmarks/conv_impl.py`: ResNet-50 5.19 img/s vs 4.35 with XLA's own,
+  # DenseNet-121 4.26 vs 4.19).
   config.cpu_fusions = (*config.cpu_fusions, 'eltwise')
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 1e-3
@@ -140,7 +139,6 @@ def apply_demo(config: ml_collections.ConfigDict, *, fw: bool) -> None:
     config.model.num_init_features = 16
   else:
     config.model.width = 8
-  config.model.conv_impl = 'auto'
   config.init_from.checkpoint = ''
   config.init_from.fresh = ()
   config.batch_size = 32

@@ -10,8 +10,12 @@ level with or ahead of 'xla' on ResNet-50. Two rewrites, both with
 the parameters `flax.linen.Conv` has (`kernel` [kh, kw, C_in, C_out], optional `bias` [C_out],
 created in the same order, so initialisation, checkpoints and imported weights are unchanged):
 
-- 'matmul': a 1x1 convolution is a `dot_general` over channels (a strided slice first for
-  stride > 1), whose autodiff is two more matmuls; k x k convolutions stay XLA convolutions.
+- 'matmul': a 1x1 convolution is a `dot_general` of the [B*H*W, C] matrix over channels (a
+  strided slice first for stride > 1), whose autodiff is two more matmuls; k x k convolutions
+  stay XLA convolutions. (Contracting the 4-D map instead, XLA:CPU copied every output gradient
+  transposed before the weight gradient: 224 px, batch 16, 2 cores, MobileNet v1 10.2-10.6 ->
+  15.7-16.5 img/s with the depthwise fix of cxr_jax/models/depthwise.py, ResNet-50 3.3-3.7 ->
+  4.2-4.7, `benchmarks/peers.py`.)
 - 'patches': as 'matmul', and a k x k convolution is a `jax.custom_vjp` whose forward pass and
   input gradient are XLA's convolutions and whose weight gradient is a sum of matrix products of
   strided slices (`conv_weight_grad`): patches of the input, or at stride 1 of the output
@@ -21,9 +25,9 @@ created in the same order, so initialisation, checkpoints and imported weights a
   three runs: DenseNet-121 1.09-1.62x 'xla', ResNet-50 0.95-1.36x; VGG has no 1x1 convolution,
   so there it is XLA's convolutions), 'xla' elsewhere
   (GPU and TPU convolutions are cuDNN/MXU code these rewrites have not been measured against).
-  With YNNPACK's element-wise fusions on (`config.cpu_fusions` += 'eltwise') ResNet-50 trains
-  faster with 'xla' (3.5 vs 4.2 s per step, fresh processes), which is what the configs that
-  add them set; DenseNet-121 stays fastest with 'matmul'.
+  With YNNPACK's element-wise fusions on too (`config.cpu_fusions` += 'eltwise', the papers'
+  full ResNet/DenseNet configs), 'matmul' is ahead since the layout fix above (fresh processes,
+  img/s: ResNet-50 5.19 vs 4.35 'xla', DenseNet-121 4.26 vs 4.19); before it, 'xla' was.
 """
 
 import functools
@@ -177,7 +181,12 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   if strides != (1, 1):
     x = x[:, ::strides[0], ::strides[1], :]
-  return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+  # On a [B*H*W, C] matrix, not the 4-D map: autodiff's weight gradient then contracts one
+  # dimension, which XLA:CPU runs without first copying the output gradient transposed (with
+  # three contracted dimensions it did: 20% of MobileNet v1's train step at 224 px).
+  b, h, w, c = x.shape
+  y = lax.dot_general(x.reshape(b * h * w, c), kernel[0, 0], (((1,), (0,)), ((), ())))
+  return y.reshape(b, h, w, kernel.shape[-1])
 
 
 class Conv(nn.Module):
