@@ -73,12 +73,12 @@ def xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
 
 def conv_taps(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
               padding: tuple[tuple[int, int], ...], dilation: tuple[int, int],
-              out_hw: tuple[int, int]) -> list[jax.Array]:
+              out_hw: tuple[int, int], pad_value: float = 0.0) -> list[jax.Array]:
   """x [B, H, W, C] -> kh * kw taps [B, H', W', C] in (kh, kw) order: tap (i, j) is the strided
-  slice of the padded input that kernel entry (i, j) multiplies."""
+  slice of the input, padded with `pad_value`, that kernel entry (i, j) multiplies."""
   (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel_size, strides, dilation, out_hw
   b, _, _, c = x.shape
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=pad_value)
   return [lax.slice(xp, (0, i * dh, j * dw, 0),
                     (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
           for i in range(kh) for j in range(kw)]

@@ -36,7 +36,7 @@ import numpy as np
 
 from cxr_jax.attention.feature_weighting import weigh_features
 from cxr_jax.attention.multiscale import MultiScaleAttention
-from cxr_jax.models import MODELS
+from cxr_jax.models import MODELS, pooling
 from cxr_jax.models.batch_norm import batch_norm
 from cxr_jax.models.conv import Conv
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
@@ -196,7 +196,7 @@ class DenseNet(nn.Module):
     x = _bn_relu(self, train)('norm0')(x)
     self.sow('intermediates', 'stem', x)
     # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = pooling.max_pool(x, 3, 2, ((1, 1), (1, 1)))
     for i, num_layers in enumerate(self.block_config, start=1):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
                      self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,

@@ -46,12 +46,18 @@ def depthwise_conv_shifts(x: jax.Array, kernel: jax.Array, stride: int,
   return _shifts_conv(x, parallel.match_varying(kernel, x), int(stride), int(dilation))
 
 
+def _same_taps(x: jax.Array, kernel_hw: tuple[int, int], stride: int,
+               dilation: int) -> list[jax.Array]:
+  """x [B, H, W, C] -> kh * kw 'SAME'-padded taps [B, ceil(H / stride), ceil(W / stride), C]."""
+  (kh, kw), (h, w) = kernel_hw, x.shape[1:3]
+  padding = (same_padding(h, kh, stride, dilation), same_padding(w, kw, stride, dilation))
+  return conv_taps(x, (kh, kw), (stride, stride), padding, (dilation, dilation),
+                   (-(-h // stride), -(-w // stride)))
+
+
 def _shifts(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) -> jax.Array:
   kh, kw = kernel.shape[:2]
-  _, h, w, _ = x.shape
-  padding = (same_padding(h, kh, stride, dilation), same_padding(w, kw, stride, dilation))
-  taps = conv_taps(x, (kh, kw), (stride, stride), padding, (dilation, dilation),
-                   (-(-h // stride), -(-w // stride)))
+  taps = _same_taps(x, (kh, kw), stride, dilation)
   out = None
   for (i, j), tap in zip(((i, j) for i in range(kh) for j in range(kw)), taps, strict=True):
     term = tap * kernel[i, j, 0]
@@ -70,10 +76,8 @@ def depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, .
   tap, XLA:CPU hands each sum to a YNNPACK reduction that needs its tap materialised in memory
   first: kh * kw full-size copies, a third of MobileNet v1's train step (224 px, 2 cores)."""
   kh, kw = kernel_shape[:2]
-  _, h, w, _ = x.shape
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  padding = (same_padding(h, kh, stride, dilation), same_padding(w, kw, stride, dilation))
-  taps = conv_taps(x, (kh, kw), (stride, stride), padding, (dilation, dilation), g.shape[1:3])
+  taps = _same_taps(x, (kh, kw), stride, dilation)
   g = g.astype(acc)
   products = [tap.astype(acc) * g for tap in taps]
   zeros = [jnp.zeros((), acc)] * len(products)

@@ -42,7 +42,7 @@ import numpy as np
 from cxr_jax.attention import disease_masks as dm
 from cxr_jax.attention import space_attention
 from cxr_jax.attention.squeeze_excite import SqueezeExcite
-from cxr_jax.models import MODELS
+from cxr_jax.models import MODELS, pooling
 from cxr_jax.models.batch_norm import batch_norm
 from cxr_jax.models.conv import Conv
 from cxr_jax.models.heads import gap_dense_head_fn, gap_dense_score_map_fn
@@ -208,7 +208,7 @@ class ResNet(nn.Module):
                    impl=self.bn_impl)(x)
     self.sow('intermediates', 'conv1', x)
     # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = pooling.max_pool(x, 3, 2, ((1, 1), (1, 1)))
     dilation = 1
     for i, n_blocks in enumerate(self.stage_sizes):
       stride, previous = (2 if i > 0 else 1), dilation

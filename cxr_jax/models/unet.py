@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from cxr_jax import losses
-from cxr_jax.models import MODELS
+from cxr_jax.models import MODELS, pooling
 from cxr_jax.models.batch_norm import batch_norm
 
 
@@ -91,7 +91,7 @@ class UNet(nn.Module):
       x = block(self.base_width * 2**level, f'down{level + 1}')(x, train=train)
       self.sow('intermediates', f'enc{level + 1}', x)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = pooling.max_pool(x, 2, 2)
     x = block(self.base_width * 2**self.depth, 'middle')(x, train=train)
     self.sow('intermediates', 'bottleneck', x)
     for level in reversed(range(self.depth)):

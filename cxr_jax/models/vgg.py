@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxr_jax.models import MODELS
+from cxr_jax.models import MODELS, pooling
 from cxr_jax.models.conv import Conv, resolve_conv_impl
 
 # Convolutions per block and block widths (torchvision cfgs 'A', 'B', 'D', 'E').
@@ -75,7 +75,7 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | tuple[int, int]) -> jax
 
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
   """torch MaxPool2d(window, stride) (no padding, floor mode) on NHWC."""
-  return nn.max_pool(x, (window, window), strides=(stride, stride), padding='VALID')
+  return pooling.max_pool(x, window, stride)
 
 
 def torch_conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0,
