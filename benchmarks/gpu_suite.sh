@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 16 (goals 2 and 5, and bn_impl's GPU default), in three parts
-# that each fit one call of the device tool (a 15-minute lease: run part 1 first; parts 2 and 3
+# Every GPU measurement of issue 16 (goals 2 and 5; bn_impl's and max pooling's GPU defaults), in
+# three parts that each fit one call of the device tool (a 15-minute lease: run part 1 first; parts 2 and 3
 # in later leases). Each part writes its tables and JSON under $OUT (default /tmp/gpu_suite), one
 # step at a time, so a part cut short keeps what it finished.
 #
@@ -72,7 +72,8 @@ case "$part" in
       --json "$out/bn_impl.json"
     ;;
   2)
-    step peers_backbones 540 python3 benchmarks/peers.py \
+    step max_pool 45 python3 benchmarks/max_pool.py --batch=64 --json "$out/max_pool.json"
+    step peers_backbones 495 python3 benchmarks/peers.py \
       --rows=mobilenet_v1,densenet121,vgg16,resnet101,alexnet --json "$out/peers_backbones.json"
     ;;
   3)

@@ -63,7 +63,7 @@ def test_benchmarks_import_without_tensorflow():
           '      raise ImportError("blocked " + name)\n'
           'sys.meta_path.insert(0, Block())\n'
           f'sys.path.insert(0, {str(pathlib.Path(peers.__file__).parent)!r})\n'
-          'import peers, pda, conv_impl, cxr_jax.config_lib\n'
+          'import peers, pda, conv_impl, max_pool, cxr_jax.config_lib\n'
           'print("imported")\n')
   done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                         timeout=300)
