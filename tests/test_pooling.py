@@ -105,6 +105,12 @@ def test_compiled_gradient_has_no_reduce_window():
   assert 'reduce-window' not in text('taps')
 
 
+def test_map_smaller_than_the_window_gives_flaxs_empty_output():
+  x = jnp.ones((2, 2, 2, 3))
+  np.testing.assert_array_equal(pooling.max_pool(x, 3, 2, impl='taps'), _ref(x, 3, 2, 'VALID'))
+  assert pooling.max_pool(x, 3, 2, impl='taps').shape == _ref(x, 3, 2, 'VALID').shape
+
+
 def test_auto_and_errors():
   assert pooling.resolve_pool_impl('auto') == (
       'taps' if jax.default_backend() == 'cpu' else 'xla')

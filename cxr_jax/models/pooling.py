@@ -131,8 +131,11 @@ def max_pool(x: jax.Array, window: int | Sequence[int], strides: int | Sequence[
       raise ValueError(f"max_pool padding={padding!r}; expected 'VALID' or explicit pairs")
     padding = ((0, 0), (0, 0))
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  # 'taps' scatters its gradient with int32 flat indices (one past the end: dropped).
+  out_hw = [_out_size(n, k, s, p) for n, k, s, p in
+            zip(x.shape[1:3], window, strides, padding, strict=True)]
+  # 'taps' scatters its gradient with int32 flat indices (one past the end: dropped). A map
+  # smaller than the window (tiny test models) has an empty output: flax's gives it.
   if (resolve_pool_impl(impl) == 'xla' or not jnp.issubdtype(x.dtype, jnp.floating)
-      or x.size >= 2**31 - 1):
+      or x.size >= 2**31 - 1 or min(out_hw) <= 0):
     return nn.max_pool(x, window, strides=strides, padding=padding)
   return _max_pool_taps(x, window, strides, padding, tuple(x.shape[1:3]))
