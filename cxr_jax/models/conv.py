@@ -56,11 +56,13 @@ def resolve_conv_impl(impl: str) -> str:
   return impl
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+def pair(v: int | Sequence[int]) -> tuple[int, int]:
+  """An int or a pair -> (int, int) (kernel sizes, strides, dilations)."""
   return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _pairs(padding: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+def padding_pairs(padding: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+  """Explicit padding ((top, bottom), (left, right)) as hashable int pairs."""
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
@@ -215,14 +217,14 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B, H, W, C_in] -> [B, H', W', features]."""
     impl = resolve_conv_impl(self.impl)
-    kernel_size = _pair(self.kernel_size)
+    kernel_size = pair(self.kernel_size)
     kernel = self.param('kernel', self.kernel_init,
                         (*kernel_size, x.shape[-1], self.features), jnp.float32)
     bias = (self.param('bias', self.bias_init, (self.features,), jnp.float32)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    strides, dilation = _pair(self.strides), _pair(self.kernel_dilation)
-    padding = _pairs(self.padding)
+    strides, dilation = pair(self.strides), pair(self.kernel_dilation)
+    padding = padding_pairs(self.padding)
     if impl != 'xla' and kernel_size == (1, 1):
       y = pointwise_conv(x, kernel, strides, padding)
     elif impl == 'patches':

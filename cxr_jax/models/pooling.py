@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cxr_jax.models.conv import conv_taps
+from cxr_jax.models.conv import conv_taps, padding_pairs, pair
 
 POOL_IMPLS = ('auto', 'xla', 'taps')
 
@@ -44,20 +44,17 @@ def resolve_pool_impl(impl: str) -> str:
   return impl
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-  return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _out_size(size: int, window: int, stride: int, pad: tuple[int, int]) -> int:
-  return (size + pad[0] + pad[1] - window) // stride + 1
+def _out_hw(in_hw, window, strides, padding) -> tuple[int, int]:
+  """Output rows and columns (floor mode); <= 0 where the map is smaller than the window."""
+  return tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in
+               zip(in_hw, window, strides, padding, strict=True))
 
 
 def _argmax_taps(x, window, strides, padding):
   """y [B, H', W', C] = window maxima, idx (int8 / int32) = row-major index of the first
   maximal tap of each window."""
-  out_hw = tuple(_out_size(n, k, s, p) for n, k, s, p in
-                 zip(x.shape[1:3], window, strides, padding, strict=True))
-  taps = conv_taps(x, window, strides, padding, (1, 1), out_hw, pad_value=-jnp.inf)
+  taps = conv_taps(x, window, strides, padding, (1, 1), _out_hw(x.shape[1:3], window, strides,
+                                                                padding), pad_value=-jnp.inf)
   idx_dtype = jnp.int8 if len(taps) <= 127 else jnp.int32
   y, idx = taps[0], jnp.zeros(taps[0].shape, idx_dtype)
   for t, tap in enumerate(taps[1:], 1):
@@ -75,8 +72,7 @@ def _max_pool_taps(x, window, strides, padding, in_hw):
 
 
 def _taps_fwd(x, window, strides, padding, in_hw):
-  y, idx = _argmax_taps(x, window, strides, padding)
-  return y, idx
+  return _argmax_taps(x, window, strides, padding)  # (y, residual idx)
 
 
 def _disjoint_bwd(window, in_hw, idx, g):
@@ -125,17 +121,15 @@ def max_pool(x: jax.Array, window: int | Sequence[int], strides: int | Sequence[
   (floor mode, as `flax.linen.max_pool` and torch's MaxPool2d). `padding` 'VALID' or
   ((top, bottom), (left, right)), padded with -inf; `impl` 'auto', 'taps' or 'xla'
   (`flax.linen.max_pool`)."""
-  window, strides = _pair(window), _pair(strides)
+  window, strides = pair(window), pair(strides)
   if isinstance(padding, str):
     if padding != 'VALID':
       raise ValueError(f"max_pool padding={padding!r}; expected 'VALID' or explicit pairs")
     padding = ((0, 0), (0, 0))
-  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  out_hw = [_out_size(n, k, s, p) for n, k, s, p in
-            zip(x.shape[1:3], window, strides, padding, strict=True)]
+  padding = padding_pairs(padding)
   # 'taps' scatters its gradient with int32 flat indices (one past the end: dropped). A map
   # smaller than the window (tiny test models) has an empty output: flax's gives it.
   if (resolve_pool_impl(impl) == 'xla' or not jnp.issubdtype(x.dtype, jnp.floating)
-      or x.size >= 2**31 - 1 or min(out_hw) <= 0):
+      or x.size >= 2**31 - 1 or min(_out_hw(x.shape[1:3], window, strides, padding)) <= 0):
     return nn.max_pool(x, window, strides=strides, padding=padding)
   return _max_pool_taps(x, window, strides, padding, tuple(x.shape[1:3]))
